@@ -1,0 +1,32 @@
+"""corda_kernels: fast, complete CorDA / CorDA++ adapter initialization.
+
+Public ops (DESIGN §5): :func:`covariance_update`, :func:`damped_inverse`, :func:`cosvd`,
+:func:`nf4_quantize`, :func:`nf4_dequantize`, and backend selection with
+:func:`set_backend` / :func:`get_backend`. The PEFT drop-in lives in
+:mod:`corda_kernels.peft` (``preprocess_corda``).
+"""
+
+from __future__ import annotations
+
+from .adapters import CordaLinear, build_adapter, lora_scaling
+from .backend import get_backend, set_backend
+from .calibration import CovarianceCollector, NonFiniteActivationError
+from .covariance import covariance_update
+from .damping import DampingError, damped_inverse
+from .decomposition import cosvd
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CordaLinear",
+    "CovarianceCollector",
+    "DampingError",
+    "NonFiniteActivationError",
+    "build_adapter",
+    "cosvd",
+    "covariance_update",
+    "damped_inverse",
+    "get_backend",
+    "lora_scaling",
+    "set_backend",
+]

@@ -1,0 +1,105 @@
+"""CorDA's damped (regularized) inverse, batched over a leading dimension.
+
+The rule (CorDA / PEFT, exactly): ``damp = 0.01``; loop ``C_fix = C + damp·mean(diag C)·I``,
+``C_inv = C_fix⁻¹``; stop when ``‖C_fix·C_inv − I‖_F < threshold`` (0.05), else ``damp *= 2``.
+The check is evaluated in the covariance's own precision (float32), as PEFT does: it is
+what makes the rule pick a damp large enough for float32 inverses, and what keeps the
+chosen damp (and so the adapters) equal to PEFT's. Unlike upstream the loop is bounded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import define_op, register_impl
+
+DEFAULT_DAMP = 0.01
+DEFAULT_THRESHOLD = 0.05
+DEFAULT_MAX_STEPS = 40
+
+
+class DampingError(RuntimeError):
+    """The damping search failed for one matrix of the batch (``index``)."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def _fake(C, damp, threshold, max_steps):  # noqa: ANN001, ANN202
+    return torch.empty_like(C), torch.empty_like(C), C.new_empty(C.shape[0], dtype=torch.float64)
+
+
+define_op(
+    "damped_inverse",
+    "(Tensor C, float damp, float threshold, int max_steps) -> (Tensor, Tensor, Tensor)",
+    _fake,
+)
+
+
+def fix_covariance(C: torch.Tensor, damp: torch.Tensor) -> torch.Tensor:
+    """``C + damp·mean(diag C)·I`` for ``C`` ``(B, n, n)`` and ``damp`` ``(B,)`` (PEFT's arithmetic)."""
+    n = C.shape[-1]
+    shift = torch.diagonal(C, dim1=-2, dim2=-1).mean(-1) * damp.to(C.dtype)
+    eye = torch.eye(n, dtype=C.dtype, device=C.device)
+    return C + shift.view(-1, 1, 1) * eye
+
+
+@register_impl("damped_inverse", "torch")
+def _damped_inverse_torch(
+    C: torch.Tensor, damp: float, threshold: float, max_steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, n, _ = C.shape
+    damps = torch.full((B,), damp, dtype=torch.float64)
+    C_fix = torch.empty_like(C)
+    C_inv = torch.empty_like(C)
+    todo = torch.arange(B)
+    eye = torch.eye(n, dtype=C.dtype, device=C.device)
+    for _ in range(max_steps):
+        fixed = fix_covariance(C[todo], damps[todo])
+        inv, info = torch.linalg.inv_ex(fixed)
+        err = torch.linalg.matrix_norm(fixed @ inv - eye).cpu()
+        ok = (info.cpu() == 0) & (err < threshold)
+        done = todo[ok]
+        C_fix[done] = fixed[ok]
+        C_inv[done] = inv[ok]
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            return C_fix, C_inv, damps
+        damps[todo] *= 2
+    raise DampingError(
+        int(todo[0]),
+        f"damped_inverse: no damp up to {damps[todo[0]].item() / 2:g} made ‖C_fix·C_inv − I‖_F < {threshold} "
+        f"within {max_steps} doublings (matrix {int(todo[0])} of the batch)",
+    )
+
+
+def damped_inverse(
+    C: torch.Tensor,
+    *,
+    damp: float = DEFAULT_DAMP,
+    threshold: float = DEFAULT_THRESHOLD,
+    max_steps: int = DEFAULT_MAX_STEPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
+    """Damped inverse of a covariance ``C`` ``(n, n)`` or a batch ``(B, n, n)``.
+
+    Returns ``(C_fix, C_inv, damp)`` with the input's shape; ``damp`` is a float for one
+    matrix and a float64 ``(B,)`` tensor for a batch. Raises ``ValueError`` on a non-finite
+    or non-square ``C`` and :class:`DampingError` when ``max_steps`` doublings do not suffice.
+    """
+    if C.dim() not in (2, 3) or C.shape[-1] != C.shape[-2]:
+        raise ValueError(f"damped_inverse: C must be (n, n) or (B, n, n), got {tuple(C.shape)}")
+    if not C.dtype.is_floating_point:
+        raise TypeError(f"damped_inverse: C must be floating point, got {C.dtype}")
+    if max_steps < 1:
+        raise ValueError(f"damped_inverse: max_steps must be >= 1, got {max_steps}")
+    single = C.dim() == 2
+    Cb = C.unsqueeze(0) if single else C
+    finite = torch.isfinite(Cb).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0])
+        raise ValueError(f"damped_inverse: covariance {bad} of the batch has NaN or Inf entries")
+    C_fix, C_inv, damps = torch.ops.corda_kernels.damped_inverse(Cb.contiguous(), damp, threshold, max_steps)
+    if single:
+        return C_fix[0], C_inv[0], float(damps[0])
+    return C_fix, C_inv, damps

