@@ -30,3 +30,5 @@ __all__ = [
     "lora_scaling",
     "set_backend",
 ]
+
+from . import kernels as _kernels  # noqa: E402,F401  (registers the Triton implementations)
