@@ -28,7 +28,8 @@ def build_adapter(
     """``(A, B, W_res)`` from ``W`` ``(m, n)`` and cropped triplets; A/B float32, W_res in W's dtype."""
     if S.dim() != 1 or U.shape != (W.shape[0], S.numel()) or V.shape != (W.shape[1], S.numel()):
         raise ValueError(
-            f"build_adapter: W {tuple(W.shape)}, U {tuple(U.shape)}, S {tuple(S.shape)}, V {tuple(V.shape)} do not match"
+            f"build_adapter: W {tuple(W.shape)}, U {tuple(U.shape)}, S {tuple(S.shape)}, "
+            f"V {tuple(V.shape)} do not match"
         )
     root = (S.float() / scaling).sqrt()
     A = (V.float().T * root.view(-1, 1)).contiguous()
