@@ -80,7 +80,7 @@ def filter_scores(sigma: torch.Tensor, log_pi: float) -> torch.Tensor:
     prefix = torch.cumsum(s, 0) - s  # Σ_{i<j} σ_i
     a = log_pi * s / prefix
     a[prefix <= 0] = math.inf
-    return torch.nan_to_num(a, nan=math.inf)
+    return torch.nan_to_num(a, nan=math.inf, posinf=math.inf, neginf=-math.inf)
 
 
 @dataclass
