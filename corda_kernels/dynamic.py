@@ -297,9 +297,7 @@ def plan_dynamic(
     t4 = time.perf_counter()
     shapes = {n: tuple(linear_weight(modules[n]).shape) for n in names}
     if allocate:
-        layers = [
-            LayerSpectrum(n, spectra[n].sigma, math.log(spectra[n].compactness), sum(shapes[n])) for n in names
-        ]
+        layers = [LayerSpectrum(n, spectra[n].sigma, math.log(spectra[n].compactness), sum(shapes[n])) for n in names]
         ranks = allocate_ranks(layers, rank, corda_method)
     else:
         ranks = {n: rank for n in names}

@@ -13,8 +13,8 @@ from corda_kernels.calibration import CovarianceCollector, linear_weight
 from corda_kernels.damping import damped_inverse
 from corda_kernels.dynamic import (
     LayerSpectrum,
-    alpha_for,
     allocate_ranks,
+    alpha_for,
     decompose_plan,
     discard_pattern,
     filter_scores,
