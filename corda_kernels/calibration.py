@@ -255,6 +255,14 @@ class CovarianceCollector:
             raise ValueError(f"layer {name}: a calibration round received no sequence")
         return acc.C / acc.weight.to(acc.C).view(-1, 1, 1)
 
+    def covariances(self) -> dict[str, torch.Tensor]:
+        """Every layer's covariance; layers that share an input share one tensor (same object)."""
+        out: dict[str, torch.Tensor] = {}
+        for acc in self.accumulators():
+            C = self.covariance(acc.members[0])
+            out.update(dict.fromkeys(acc.members, C))
+        return out
+
     def covariance(self, name: str) -> torch.Tensor:
         """The covariance of layer ``name`` over all rounds, ``(n, n)`` float32."""
         self.finalize()
