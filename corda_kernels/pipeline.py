@@ -67,7 +67,7 @@ def decompose_layers(
     method: str = "exact",
     progress: bool = True,
 ) -> Iterator[LayerResult]:
-    """Yield each layer's cropped CO-SVD (IPM: top ``r``, KPM: bottom ``r``), in ``modules`` order.
+    """Yield each layer's cropped CO-SVD (IPM: top ``r``, KPM: bottom ``r``), grouped by covariance.
 
     ``covariances`` maps layer name → ``(n, n)`` covariance (shared tensors are damped once).
     """
