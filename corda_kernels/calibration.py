@@ -221,12 +221,9 @@ class CovarianceCollector:
                 )
 
     def finalize(self) -> None:
-        """Check, mirror the triangles; idempotent. Raises if a layer was never called."""
+        """Check, mirror the triangles; idempotent. Layers never called get no covariance."""
         if self._finalized:
             return
-        missing = [n for n, c in self.calls.items() if c == 0]
-        if missing:
-            raise ValueError(f"calibration never reached layer(s) {', '.join(missing[:5])}: no covariance for them")
         for acc in self.accumulators():
             bad = [m for m in acc.members if self.calls[m] != acc.updates]
             if bad:
@@ -250,14 +247,26 @@ class CovarianceCollector:
     def candidates(self, name: str) -> torch.Tensor:
         """The K per-round covariances of layer ``name``, ``(K, n, n)``, each normalized by its own count."""
         self.finalize()
+        if name not in self.acc_of:
+            raise ValueError(f"calibration never reached layer {name}: no covariance for it")
         acc = self.acc_of[name]
         if bool((acc.weight == 0).any()):
             raise ValueError(f"layer {name}: a calibration round received no sequence")
         return acc.C / acc.weight.to(acc.C).view(-1, 1, 1)
 
+    def covariances(self) -> dict[str, torch.Tensor]:
+        """Every layer's covariance; layers that share an input share one tensor (same object)."""
+        out: dict[str, torch.Tensor] = {}
+        for acc in self.accumulators():
+            C = self.covariance(acc.members[0])
+            out.update(dict.fromkeys(acc.members, C))
+        return out
+
     def covariance(self, name: str) -> torch.Tensor:
         """The covariance of layer ``name`` over all rounds, ``(n, n)`` float32."""
         self.finalize()
+        if name not in self.acc_of:
+            raise ValueError(f"calibration never reached layer {name}: no covariance for it")
         acc = self.acc_of[name]
         total = float(acc.weight.sum())
         if total == 0:

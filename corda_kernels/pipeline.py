@@ -1,8 +1,8 @@
 """Per-layer decomposition: damped inverse, CO-SVD, crop — one layer at a time.
 
-Layers that share an input covariance share its damped inverse; same-width covariances
-are damped as one batch. Only the cropped triplets of each layer are handed on, so the
-full ``U``/``V`` of one layer at most are alive at any moment.
+Layers that share an input covariance (the same tensor object) share its damped inverse;
+same-width covariances are damped as one batch. Only the cropped triplets of each layer
+are handed on, so the full ``U``/``V`` of one layer at most are alive at any moment.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import CovarianceCollector, linear_weight
+from .calibration import linear_weight
 from .damping import DampingError, damped_inverse
 from .decomposition import cosvd
 
@@ -50,43 +50,51 @@ def check_ranks(modules: dict[str, nn.Module], ranks: dict[str, int]) -> None:
             raise ValueError(f"layer {name}: rank {r} must be in [1, {min(m, n)}] for a {m}×{n} weight")
 
 
+def group_shared(covariances: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, list[str]]]:
+    """``[(C, layer names)]``: layers whose covariance is the same tensor object form one group."""
+    groups: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for name, C in covariances.items():
+        groups.setdefault(id(C), (C, []))[1].append(name)
+    return list(groups.values())
+
+
 def decompose_layers(
     modules: dict[str, nn.Module],
-    collector: CovarianceCollector,
+    covariances: dict[str, torch.Tensor],
     ranks: dict[str, int],
     corda_method: str,
     *,
     method: str = "exact",
     progress: bool = True,
 ) -> Iterator[LayerResult]:
-    """Yield each target layer's cropped CO-SVD (IPM: top ``r``, KPM: bottom ``r``)."""
+    """Yield each layer's cropped CO-SVD (IPM: top ``r``, KPM: bottom ``r``), grouped by covariance.
+
+    ``covariances`` maps layer name → ``(n, n)`` covariance (shared tensors are damped once).
+    """
     which = which_for(corda_method)
     check_ranks(modules, ranks)
-    collector.finalize()
-    accs = collector.accumulators()
+    missing = [name for name in modules if name not in covariances]
+    if missing:
+        raise ValueError(f"no covariance for layer(s) {', '.join(missing[:5])}")
+    groups = group_shared({name: covariances[name] for name in modules})
+    by_width: dict[int, list[tuple[torch.Tensor, list[str]]]] = {}
+    for C, names in groups:
+        by_width.setdefault(C.shape[-1], []).append((C, names))
     bar = tqdm(total=len(modules), desc="CO-SVD", unit="layer", disable=not progress)
-    by_width: dict[int, list] = {}
-    for acc in accs:
-        by_width.setdefault(acc.n, []).append(acc)
     for group in by_width.values():
         for start in range(0, len(group), _DAMP_BATCH):
             chunk = group[start : start + _DAMP_BATCH]
-            covs = torch.stack([collector.covariance(acc.members[0]) for acc in chunk])
             t0 = time.perf_counter()
             try:
-                C_fix, _, damps = damped_inverse(covs)
+                C_fix, _, damps = damped_inverse(torch.stack([C.float() for C, _ in chunk]))
             except DampingError as err:
-                raise DampingError(err.index, f"layer(s) {', '.join(chunk[err.index].members)}: {err}") from err
+                raise DampingError(err.index, f"layer(s) {', '.join(chunk[err.index][1])}: {err}") from err
             except ValueError as err:
-                bad = [a for a, c in zip(chunk, covs) if not bool(torch.isfinite(c).all())]
-                names = ", ".join(bad[0].members) if bad else "?"
-                raise ValueError(f"layer(s) {names}: {err}") from err
-            damp_time = (time.perf_counter() - t0) / len(chunk)
-            del covs
-            for i, acc in enumerate(chunk):
-                for name in acc.members:
-                    if name not in modules:
-                        continue
+                bad = [names for C, names in chunk if not bool(torch.isfinite(C).all())]
+                raise ValueError(f"layer(s) {', '.join(bad[0]) if bad else '?'}: {err}") from err
+            damp_time = time.perf_counter() - t0
+            for i, (_, names) in enumerate(chunk):
+                for name in names:
                     t1 = time.perf_counter()
                     W = linear_weight(modules[name]).detach()
                     U, S, V = cosvd(W, C_fix[i], rank=ranks[name], which=which, C_fix=C_fix[i], method=method)
@@ -95,7 +103,7 @@ def decompose_layers(
                         "rank": ranks[name],
                         "damp": float(damps[i]),
                         "method": method,
-                        "time_s": time.perf_counter() - t1 + damp_time / len(acc.members),
+                        "time_s": time.perf_counter() - t1 + damp_time / len(chunk) / len(names),
                     }
                     yield LayerResult(name, U, S, V, float(damps[i]), info)
                     bar.update(1)

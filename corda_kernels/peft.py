@@ -1,0 +1,162 @@
+"""Drop-in replacement for PEFT's ``preprocess_corda``.
+
+``preprocess_corda(model, lora_config, run_model, hooked_model)`` takes PEFT's arguments and
+leaves every target module with the ``eigens`` PEFT's own function leaves (cropped ``U_WC``,
+``S_WC``, ``V_WC``), so ``peft.get_peft_model(model, lora_config)`` works unchanged and gives
+the same adapters (up to the sign of each singular pair). Differences from PEFT: any batch
+size (announce padding with :func:`set_calibration_mask`), one covariance per distinct input,
+a float64 decomposition, per-layer cropping (no full U/V for all layers), and caches that
+record and check their settings and are written atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from . import cache
+from .calibration import CovarianceCollector, in_features, is_conv1d, linear_weight
+from .pipeline import check_ranks, decompose_layers
+
+_ACTIVE: list[CovarianceCollector] = []
+
+
+def set_calibration_mask(mask: torch.Tensor | None) -> None:
+    """Inside ``run_model``: the padding mask ``(B, L)`` of the next forward (True = real token)."""
+    if not _ACTIVE:
+        raise RuntimeError("set_calibration_mask is only meaningful inside preprocess_corda's run_model")
+    _ACTIVE[-1].set_batch(mask)
+
+
+def target_modules(model: nn.Module, lora_config) -> dict[str, nn.Module]:  # noqa: ANN001
+    """The CorDA targets: modules matched by ``lora_config.target_modules`` that are ``nn.Linear`` or ``Conv1D``."""
+    from peft.tuners.lora.model import LoraModel
+
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if (isinstance(module, nn.Linear) or is_conv1d(module))
+        and LoraModel._check_target_module_exists(lora_config, name)
+    }
+
+
+def layer_ranks(lora_config, names: list[str]) -> dict[str, int]:  # noqa: ANN001
+    """Each layer's rank: ``rank_pattern`` where a key matches, else ``r`` (PEFT's rule)."""
+    from peft.utils.other import get_pattern_key
+
+    pattern = lora_config.rank_pattern or {}
+    return {name: pattern.get(get_pattern_key(pattern.keys(), name), lora_config.r) for name in names}
+
+
+def _eigens_class():  # noqa: ANN202
+    from peft.tuners.lora.corda import CordaEigens
+
+    return CordaEigens
+
+
+def collect_covariances(
+    model: nn.Module,
+    lora_config,  # noqa: ANN001
+    run_model: Callable[[], None] | None,
+    hooked_model: nn.Module | None,
+    targets: dict[str, nn.Module],
+    *,
+    normalization: str = "peft",
+    share_inputs: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Covariances of the target layers: from ``covariance_file`` when it matches, else by calibration."""
+    cov_file = lora_config.corda_config.covariance_file
+    meta = {"normalization": normalization, "in_features": {name: in_features(m) for name, m in targets.items()}}
+    if cache.exists(cov_file):
+        return cache.load_checked(cov_file, "covariance", meta)
+    if run_model is None:
+        raise ValueError("run_model must be given when neither cache_file nor covariance_file exists yet")
+    hooked = model if hooked_model is None else hooked_model
+    hooked_targets = targets if hooked_model is None else target_modules(hooked, lora_config)
+    collector = CovarianceCollector(hooked_targets, normalization=normalization, share_inputs=share_inputs)
+    was_training = hooked.training
+    hooked.eval()
+    _ACTIVE.append(collector)
+    try:
+        with collector.attached():
+            run_model()
+    finally:
+        _ACTIVE.pop()
+        hooked.train(was_training)
+    found = collector.covariances()
+    missing = [name for name in targets if name not in found]
+    if missing:
+        raise ValueError(f"calibration never reached target layer(s) {', '.join(missing[:5])}")
+    covs = {name: found[name].cpu() for name in targets}
+    if cov_file is not None:
+        cache.save_atomic(cov_file, "covariance", meta, covs)
+    return covs
+
+
+@torch.no_grad()
+def preprocess_corda(
+    model: nn.Module,
+    lora_config,  # noqa: ANN001
+    run_model: Callable[[], None] | None = None,
+    hooked_model: nn.Module | None = None,
+    *,
+    normalization: str = "peft",
+    method: str = "exact",
+    share_inputs: bool = True,
+) -> None:
+    """Build the CorDA ``eigens`` of every target module (PEFT's ``preprocess_corda`` arguments).
+
+    Keyword-only extras: ``normalization`` (``peft`` = PEFT's per-sequence max, or ``mean``),
+    ``method`` of the CO-SVD (``exact`` / ``fast``), ``share_inputs`` (one covariance per
+    distinct input tensor).
+    """
+    cfg = lora_config.corda_config
+    if cfg is None:
+        raise ValueError(
+            "lora_config.corda_config must be set (LoraConfig(init_lora_weights='corda', corda_config=...))"
+        )
+    targets = target_modules(model, lora_config)
+    if not targets:
+        raise ValueError(
+            f"no target module matched target_modules={lora_config.target_modules!r} (CorDA needs nn.Linear or Conv1D)"
+        )
+    if cfg.corda_method not in ("ipm", "kpm"):
+        raise ValueError(f"corda_method must be 'ipm' or 'kpm', got {cfg.corda_method!r}")
+    ranks = layer_ranks(lora_config, list(targets))
+    check_ranks(targets, ranks)
+    meta = {
+        "corda_method": cfg.corda_method,
+        "ranks": ranks,
+        "normalization": normalization,
+        "method": method,
+        "shapes": {name: list(linear_weight(m).shape) for name, m in targets.items()},
+    }
+    CordaEigens = _eigens_class()
+
+    def attach(name: str, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
+        dev = targets[name].weight.device
+        targets[name].eigens = CordaEigens(S_WC=S.to(dev), U_WC=U.to(dev), V_WC=V.to(dev))
+
+    if cache.exists(cfg.cache_file):
+        data = cache.load_checked(cfg.cache_file, "eigens", meta)
+        for name in targets:
+            attach(name, *data[name])
+        return
+
+    covs = collect_covariances(
+        model, lora_config, run_model, hooked_model, targets, normalization=normalization, share_inputs=share_inputs
+    )
+    stored: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for res in decompose_layers(targets, covs, ranks, cfg.corda_method, method=method, progress=bool(cfg.verbose)):
+        attach(res.name, res.U, res.S, res.V)
+        if cfg.cache_file is not None:
+            stored[res.name] = (res.U, res.S, res.V)
+    if not cfg.prune_temporary_fields:  # what PEFT leaves behind when asked not to prune
+        for name, module in targets.items():
+            module.covariance_matrix = covs[name].to(module.weight.device)
+            module.corda_method = cfg.corda_method
+            module.rank = ranks[name]
+    if cfg.cache_file is not None:
+        cache.save_atomic(cfg.cache_file, "eigens", meta, stored)
