@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 from corda_kernels.spectra import candidate_spectrum, compactness, eig_extremes, singular_values
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    """Freshly seeded generator (local: the shared fixture cannot attach its seed to a Generator)."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def _orth(n: int, gen: torch.Generator) -> torch.Tensor:
