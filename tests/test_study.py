@@ -1,0 +1,137 @@
+"""The truncation study on a tiny LLaMA (random weights, random token ids): fast, checked against
+independent references."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from corda_kernels import cosvd
+from corda_kernels.study import (
+    METHODS,
+    factor,
+    markdown_table,
+    param_ratio,
+    run_study,
+    target_modules,
+    write_outputs,
+)
+from tests.conftest import rel_err
+
+
+def _tiny_llama(seed: int):  # noqa: ANN202
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _ref_ppl(model: nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = model(ids).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])
+    return math.exp(-float(logp.mean()))
+
+
+def test_factor_reconstructs_and_matches_cosvd(gen: torch.Generator) -> None:
+    W = torch.randn(24, 40, generator=gen)
+    X = torch.randn(200, 40, generator=gen) * torch.linspace(0.05, 3, 40)
+    C = X.T @ X / 200
+    from corda_kernels.damping import damped_inverse
+
+    C_fix = damped_inverse(C)[0]
+    d = X.abs().mean(0) ** 0.5 + 1e-6
+    for f, spec in (
+        (factor(W), torch.linalg.svdvals(W.double())),
+        (factor(W, scale=d), torch.linalg.svdvals(W.double() * d.double())),
+        (factor(W, C_fix=C_fix), torch.linalg.svdvals(W.double() @ C_fix.double())),
+    ):
+        assert rel_err(f.L @ f.R.T, W) < 1e-5
+        assert rel_err(f.S, spec) < 1e-12
+        assert rel_err(f.tail(f.S.numel()), W) < 1e-5
+    U, S, V = cosvd(W, C, rank=7, which="bottom")
+    assert rel_err(factor(W, C_fix=C_fix).tail(7), U @ torch.diag(S) @ V.T) < 1e-4
+
+
+def test_study_tiny_llama(tmp_path, gen: torch.Generator) -> None:  # noqa: ANN001
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    model = _tiny_llama(seed)
+    corpora = {
+        "lee": torch.randint(0, 96, (400,), generator=gen),
+        "pydoc": torch.randint(0, 96, (360,), generator=gen),
+    }
+    mods = target_modules(model)
+    before = {n: m.weight.detach().clone() for n, m in mods.items()}
+    res = run_study(
+        model,
+        corpora,
+        samples=6,
+        seq_len=16,
+        eval_tokens=64,
+        discards=[0, 4, 8],
+        cross_discards=[8],
+        rounds=3,
+        progress=False,
+    )
+    rows = res.rows
+    for n, m in mods.items():  # the model is restored
+        assert torch.equal(m.weight, before[n])
+    # every method × k × eval, plus the cross-domain rows
+    for method in METHODS:
+        for k in (0, 4, 8):
+            for ev in ("lee", "pydoc"):
+                hit = [r for r in rows if (r["method"], r["calib"], r["discard"], r["eval"]) == (method, "lee", k, ev)]
+                assert len(hit) == 1, (method, k, ev)
+    assert {(r["discard"], r["eval"]) for r in rows if r["calib"] == "pydoc"} == {(8, "lee"), (8, "pydoc")}
+    assert all(set(r) == {"method", "calib", "eval", "discard", "param_ratio", "ppl"} for r in rows)
+
+    def get(method: str, k: int, ev: str, calib: str = "lee") -> dict:
+        return next(r for r in rows if (r["method"], r["calib"], r["discard"], r["eval"]) == (method, calib, k, ev))
+
+    # k = 0: the unmodified model, against an independent perplexity
+    held_out = corpora["lee"][200 : 200 + 64].view(4, 16)
+    assert get("co-svd", 0, "lee")["ppl"] == pytest.approx(_ref_ppl(model, held_out), rel=1e-6)
+    # plain SVD at k = 4 against an independent truncation
+    with torch.no_grad():
+        for m in mods.values():
+            U, S, Vh = torch.linalg.svd(m.weight.double(), full_matrices=False)
+            m.weight.copy_((U[:, :-4] * S[:-4]) @ Vh[:-4])
+        ref = _ref_ppl(model, held_out)
+        for n, m in mods.items():
+            m.weight.copy_(before[n])
+    assert get("plain-svd", 4, "lee")["ppl"] == pytest.approx(ref, rel=1e-5)
+    # truncation changes perplexity, and the dynamic methods use the same parameter budget
+    assert get("plain-svd", 8, "lee")["ppl"] != get("plain-svd", 0, "lee")["ppl"]
+    widths = max(sum(m.weight.shape) for m in mods.values())
+    dense = sum(m.weight.numel() for m in mods.values())
+    for method in ("co-svd+", "co-svd++"):
+        for k in (4, 8):
+            diff = get(method, k, "lee")["param_ratio"] - get("co-svd", k, "lee")["param_ratio"]
+            assert 0 <= diff < widths / dense
+    assert get("co-svd", 8, "lee")["param_ratio"] == pytest.approx(
+        param_ratio(mods, {n: 8 for n in mods}), rel=1e-12
+    )
+    # spectra of the first block's seven layers for the figure, descending
+    assert set(res.spectra) == {"plain-svd", "asvd", "co-svd"}
+    assert len(res.spectra["co-svd"]) == 7
+    assert all(s[i] >= s[i + 1] for per in res.spectra.values() for s in per.values() for i in range(len(s) - 1))
+    # outputs
+    paths = write_outputs(res, tmp_path)
+    assert json.loads(paths["json"].read_text())["rows"] == rows
+    for key in ("ppl_plot", "spectra_plot"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = markdown_table(rows)
+    assert table.count("\n") == 1 + len(METHODS) + 1  # header, separator, methods + the pydoc line
