@@ -121,9 +121,7 @@ def test_study_tiny_llama(tmp_path, gen: torch.Generator) -> None:  # noqa: ANN0
         for k in (4, 8):
             diff = get(method, k, "lee")["param_ratio"] - get("co-svd", k, "lee")["param_ratio"]
             assert 0 <= diff < widths / dense
-    assert get("co-svd", 8, "lee")["param_ratio"] == pytest.approx(
-        param_ratio(mods, {n: 8 for n in mods}), rel=1e-12
-    )
+    assert get("co-svd", 8, "lee")["param_ratio"] == pytest.approx(param_ratio(mods, {n: 8 for n in mods}), rel=1e-12)
     # spectra of the first block's seven layers for the figure, descending
     assert set(res.spectra) == {"plain-svd", "asvd", "co-svd"}
     assert len(res.spectra["co-svd"]) == 7
