@@ -40,7 +40,9 @@ define_op(
 def fix_covariance(C: torch.Tensor, damp: torch.Tensor) -> torch.Tensor:
     """``C + damp·mean(diag C)·I`` for ``C`` ``(B, n, n)`` and ``damp`` ``(B,)`` (PEFT's arithmetic)."""
     n = C.shape[-1]
-    shift = torch.diagonal(C, dim1=-2, dim2=-1).mean(-1) * damp.to(C.dtype)
+    # One matrix at a time, on a contiguous diagonal: a batched strided mean rounds differently.
+    means = torch.stack([torch.mean(torch.diag(c)) for c in C])
+    shift = means * damp.to(device=C.device, dtype=C.dtype)
     eye = torch.eye(n, dtype=C.dtype, device=C.device)
     return C + shift.view(-1, 1, 1) * eye
 
