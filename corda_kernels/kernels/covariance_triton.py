@@ -6,7 +6,8 @@ Inputs (the op's schema, see :mod:`corda_kernels.covariance`):
 - ``x``: ``(B, L, n)`` bf16 / fp16 / fp32, any strides. Read as it comes: no fp32 copy of X is
   made; bf16/fp16 tiles go straight into the tensor-core dot with fp32 accumulation (the
   products of two 16-bit floats are exact in fp32).
-- ``mask``: ``(B, L)`` bool or None (False = padding: the token is not even loaded).
+- ``mask``: ``(B, L)`` bool or None (False = padding: the token is not even loaded, so
+  garbage or NaN under the mask cannot leak in).
 - ``seq_scale``: ``(B,)`` float32 or None; sequence ``b`` contributes ``seq_scale[b]·X_bᵀX_b``
   (the scale multiplies the fp32 per-sequence partial product, so 16-bit operands stay exact).
 - ``seq_bucket``: ``(B,)`` int64 or None; sequence ``b`` goes to buffer ``C[seq_bucket[b]]``.
@@ -108,7 +109,7 @@ def _covariance_kernel(
                 keep = keep & (mv != 0)
             rows = x_seq + offs_l[:, None].to(tl.int64) * stride_xl
             a = tl.load(rows + offs_m[None, :] * stride_xn, mask=keep[:, None] & in_m[None, :], other=0.0)
-            bt = tl.load(rows + offs_n[None, :] * stride_xn, mask=in_l[:, None] & in_n[None, :], other=0.0)
+            bt = tl.load(rows + offs_n[None, :] * stride_xn, mask=keep[:, None] & in_n[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 bt = bt.to(tl.float32)
@@ -178,7 +179,9 @@ def covariance_update_triton(
         return
     interpreted = triton_interpreted()
     if input_precision not in ("ieee", "tf32"):
-        raise ValueError(f"covariance_update (triton): input_precision must be 'ieee' or 'tf32', got {input_precision!r}")
+        raise ValueError(
+            f"covariance_update (triton): input_precision must be 'ieee' or 'tf32', not {input_precision!r}"
+        )
     cfg = default_config(n, x.dtype, interpreted)
     block = block or cfg["block"]
     block_k = block_k or cfg["block_k"]
@@ -296,7 +299,8 @@ def compile_specs() -> list[dict[str, Any]]:
             "BLOCK_K": cfg["block_k"],
         }
         sig.update({name: "constexpr" for name in constexprs})
-        flags = "".join(f for f, on in (("T", tri), ("M", has_mask), ("S", has_scale), ("K", has_bucket), ("A", atomic)) if on)
+        on = (("T", tri), ("M", has_mask), ("S", has_scale), ("K", has_bucket), ("A", atomic))
+        flags = "".join(f for f, flag in on if flag)
         specs.append(
             {
                 "fn": _covariance_kernel,
