@@ -40,7 +40,8 @@ define_op(
 def fix_covariance(C: torch.Tensor, damp: torch.Tensor) -> torch.Tensor:
     """``C + damp·mean(diag C)·I`` for ``C`` ``(B, n, n)`` and ``damp`` ``(B,)`` (PEFT's arithmetic)."""
     n = C.shape[-1]
-    shift = torch.diagonal(C, dim1=-2, dim2=-1).mean(-1) * damp.to(C.dtype)
+    # damp lives on the CPU (float64); a (B,) CPU tensor cannot multiply a CUDA one.
+    shift = torch.diagonal(C, dim1=-2, dim2=-1).mean(-1) * damp.to(device=C.device, dtype=C.dtype)
     eye = torch.eye(n, dtype=C.dtype, device=C.device)
     return C + shift.view(-1, 1, 1) * eye
 
