@@ -266,7 +266,8 @@ def compile_specs() -> list[dict[str, Any]]:
     """Kernels and signatures for the Hopper / Ampere compile check (fp32 / bf16 / fp16 inputs).
 
     Each entry: ``fn`` (the ``@triton.jit`` function), ``signature`` (argument → Triton type
-    string), ``constexprs`` (argument → value), ``name``, ``num_warps``, ``num_stages``.
+    string), ``constexprs`` (argument → value), ``name``, ``num_warps``, ``num_stages`` and
+    ``ptx_contains`` (capability → instruction the PTX must contain).
     """
     ints = [
         "n", "L", "stride_ck", "stride_cm", "stride_cn", "stride_xb", "stride_xl", "stride_xn",
@@ -309,6 +310,8 @@ def compile_specs() -> list[dict[str, Any]]:
                 "name": f"covariance_{_TL_TYPES[dtype]}_{flags}_{prec}",
                 "num_warps": cfg["num_warps"],
                 "num_stages": cfg["num_stages"],
+                # 16-bit inputs must reach the tensor cores: wgmma on Hopper, mma.sync on Ampere.
+                "ptx_contains": {90: "wgmma", 80: "mma.sync"} if dtype != torch.float32 else {},
             }
         )
     return specs
