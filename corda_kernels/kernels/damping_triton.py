@@ -123,11 +123,14 @@ def shifted_copy(C: torch.Tensor, idx: torch.Tensor, shift: torch.Tensor) -> tor
     return out
 
 
-def residual_norm(A: torch.Tensor, Binv: torch.Tensor, *, block: int | None = None) -> torch.Tensor:
+def residual_norm(
+    A: torch.Tensor, Binv: torch.Tensor, *, block: int | None = None, input_precision: str = "ieee"
+) -> torch.Tensor:
     """``‖A[b]·Binv[b] − I‖_F`` for fp32 ``A``, ``Binv`` ``(B, n, n)`` → fp32 ``(B,)`` on their device.
 
-    The product is formed tile by tile in registers (exact fp32 ``ieee`` dots); only one
-    float per tile goes to memory. ``block`` overrides the tile size (tests).
+    The product is formed tile by tile in registers (exact fp32 ``ieee`` dots, the rule's
+    arithmetic; ``"tf32x3"`` is an opt-in for GPU experiments, never used by the search);
+    only one float per tile goes to memory. ``block`` overrides the tile size (tests).
     """
     if A.shape != Binv.shape or A.dim() != 3 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"residual_norm: need two (B, n, n) tensors, got {tuple(A.shape)} and {tuple(Binv.shape)}")
@@ -142,7 +145,7 @@ def residual_norm(A: torch.Tensor, Binv: torch.Tensor, *, block: int | None = No
     _residual_kernel[(n_tiles * n_tiles, B)](
         A, Binv, part, n,
         A.stride(0), A.stride(1), A.stride(2), Binv.stride(0), Binv.stride(1), Binv.stride(2),
-        n_tiles, INPUT_PRECISION="ieee", BLOCK=block, BLOCK_K=block_k,
+        n_tiles, INPUT_PRECISION=input_precision, BLOCK=block, BLOCK_K=block_k,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return part.sum(1).sqrt()
@@ -202,7 +205,16 @@ def compile_specs() -> list[dict[str, Any]]:
     shift_sig = {"c_ptr": "*fp32", "idx_ptr": "*i64", "shift_ptr": "*fp32", "out_ptr": "*fp32"}
     shift_sig.update({k: "i32" for k in ("n", "stride_cb", "stride_cm", "stride_cn", "n_tiles")})
     shift_sig["BLOCK"] = "constexpr"
+    tf32x3 = dict(res_const, INPUT_PRECISION="tf32x3")
     return [
+        {
+            "fn": _residual_kernel,
+            "signature": res_sig,
+            "constexprs": tf32x3,
+            "name": "damping_residual_fp32_tf32x3",
+            "num_warps": cfg["num_warps"],
+            "num_stages": cfg["num_stages"],
+        },
         {
             "fn": _residual_kernel,
             "signature": res_sig,

@@ -1,0 +1,120 @@
+"""GPU suite module: the damped-inverse search, triton backend (fused shift + fused residual
+check) against the torch backend (same rule, DESIGN §3.2).
+
+``run(device)`` returns rows ``{kernel, shape, ours_ms, ref_ms, ratio, max_err, note}``.
+Per step and matrix the rule costs one LU inverse (~2n³ flops, cuSOLVER, the same call on both
+backends) plus the check: torch forms ``C_fix·C_inv`` (2n³ flops fp32, TF32 off) and two more
+n² passes (``− I``, the norm); ours forms the product tile by tile in registers and writes one
+float per tile.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gpu_util import SMALL, rel_err, row, timeit  # noqa: E402
+
+import corda_kernels as ck  # noqa: E402
+from corda_kernels.damping import fix_covariance  # noqa: E402
+from corda_kernels.kernels.damping_triton import residual_norm, shifted_copy  # noqa: E402
+
+
+def ill_conditioned(B: int, n: int, rank: int, device: str, g: torch.Generator) -> torch.Tensor:
+    """``(B, n, n)`` fp32 covariances of low-rank activations with a few large outlier channels."""
+    out = []
+    for b in range(B):
+        X = torch.randn(2 * n, rank, device=device, generator=g) @ torch.randn(rank, n, device=device, generator=g)
+        X += 1e-2 * torch.randn(2 * n, n, device=device, generator=g)
+        X[:, torch.randperm(n, device=device, generator=g)[:3]] *= 10.0 * (b + 1)
+        X = X.double()
+        out.append((X.T @ X).float())
+    return torch.stack(out)
+
+
+def _r(t: torch.Tensor) -> list[float]:
+    return [round(v, 5) for v in t.tolist()]
+
+
+def run(device: str) -> list[dict[str, Any]]:
+    """Same-damp checks, then the whole search and the check kernel timed against torch."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator(device=device).manual_seed(7)
+    rows = []
+    sizes = [(4, 64, 8, 1e-6)] if SMALL else [(4, 512, 32, 1e-6), (3, 1031, 64, 0.01), (2, 4096, 256, 0.01)]
+    for B, n, rank, damp0 in sizes:
+        C = ill_conditioned(B, n, rank, device, g)
+        ck.set_backend("torch")
+        f0, i0, d0 = ck.damped_inverse(C, damp=damp0)
+        t_ms = timeit(lambda C=C, damp0=damp0: ck.damped_inverse(C, damp=damp0), device, rep_ms=300)
+        ck.set_backend("triton")
+        f1, i1, d1 = ck.damped_inverse(C, damp=damp0)
+        o_ms = timeit(lambda C=C, damp0=damp0: ck.damped_inverse(C, damp=damp0), device, rep_ms=300)
+        ck.set_backend("auto")
+        same = torch.equal(d0, d1)
+        steps = [round(float(torch.log2(d / damp0))) for d in d0]
+        note = (
+            f"{'pass' if same and torch.equal(f0, f1) else 'FAIL'}: damps equal={same}, C_fix equal="
+            f"{torch.equal(f0, f1)}, doublings {steps}"
+        )
+        rows.append(row("damped_inverse search", f"B={B} n={n}", o_ms, t_ms, rel_err(i1, i0), note))
+
+    # The check alone, on a near-identity residual (the regime the rule decides in).
+    B, n = (2, 64) if SMALL else (4, 4096)
+    A = fix_covariance(ill_conditioned(B, n, n // 16, device, g), torch.full((B,), 0.05, dtype=torch.float64))
+    inv = torch.linalg.inv(A)
+    eye = torch.eye(n, device=device)
+    ref = torch.linalg.matrix_norm(A @ inv - eye)
+    ours = residual_norm(A, inv)
+    r_ms = timeit(lambda: torch.linalg.matrix_norm(A @ inv - eye), device)
+    o_ms = timeit(lambda: residual_norm(A, inv), device)
+    rows.append(
+        row(
+            "‖C_fix·C_inv − I‖_F",
+            f"B={B} n={n}",
+            o_ms,
+            r_ms,
+            rel_err(ours, ref),
+            f"values {_r(ours)} vs torch {_r(ref)}",
+        )
+    )
+    if torch.device(device).type == "cuda":
+        fast = residual_norm(A, inv, input_precision="tf32x3")
+        f_ms = timeit(lambda: residual_norm(A, inv, input_precision="tf32x3"), device)
+        rows.append(
+            row(
+                "‖C_fix·C_inv − I‖_F tf32x3 (option)",
+                f"B={B} n={n}",
+                f_ms,
+                r_ms,
+                rel_err(fast, ref),
+                f"not used by the search; values {_r(fast)}",
+            )
+        )
+    idx = torch.arange(B, device=device)
+    damps = torch.full((B,), 0.01, dtype=torch.float64)
+    shift = torch.diagonal(A, dim1=-2, dim2=-1).mean(-1) * damps.to(device=device, dtype=torch.float32)
+    exact = torch.equal(shifted_copy(A, idx, shift), fix_covariance(A, damps))
+    r_ms = timeit(lambda: fix_covariance(A, damps), device)
+    o_ms = timeit(lambda: shifted_copy(A, idx, shift), device)
+    rows.append(
+        row(
+            "C + damp·mean(diag)·I",
+            f"B={B} n={n}",
+            o_ms,
+            r_ms,
+            0.0 if exact else None,
+            f"{'pass' if exact else 'FAIL'}: bit-identical={exact}",
+        )
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+    for r in run(dev):
+        print(r)
