@@ -115,3 +115,14 @@ def test_shifted_copy_matches_fix_covariance(gen: torch.Generator) -> None:
     got = shifted_copy(C, idx, shift)
     assert got.is_contiguous() and got.shape == (3, n, n)
     assert torch.equal(got, fix_covariance(C[idx], damps))
+
+
+def test_float64_input_keeps_torch_arithmetic(gen: torch.Generator) -> None:
+    """The kernels are fp32; a float64 covariance takes the torch path's arithmetic unchanged."""
+    C = ill_conditioned(2, 40, 4, gen).double()
+    ck.set_backend("torch")
+    f0, i0, d0 = ck.damped_inverse(C, damp=1e-9)
+    ck.set_backend("triton")
+    f1, i1, d1 = ck.damped_inverse(C, damp=1e-9)
+    assert f1.dtype == torch.float64
+    assert torch.equal(d1, d0) and torch.equal(f1, f0) and torch.equal(i1, i0)
