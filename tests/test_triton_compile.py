@@ -8,9 +8,12 @@ The compile runs in a subprocess with ``TRITON_INTERPRET=0`` (the interpreter re
 
 Every module of :mod:`corda_kernels.kernels` is imported; each ``compile_specs()`` entry
 (``fn``, ``signature``, ``constexprs``, ``name``, optional ``num_warps`` / ``num_stages`` /
-``ptx_contains`` = {capability: text the PTX must contain}) is compiled for both targets, and
-every ``@triton.jit`` function a module defines must be covered by one of its specs, so kernels
-added later are checked without touching this file.
+``attrs`` = {argument: Triton attributes such as ``[["tt.divisibility", 16]]``, as a launch
+specializes them} / ``ptx_contains`` = {capability: text or list of texts the PTX must
+contain}) is compiled for both targets, and
+every ``@triton.jit`` function a module defines must be covered by one of its specs (or be a
+helper called from a covered kernel), so kernels added later are checked without touching this
+file.
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ WORKER = textwrap.dedent(
         jitted = {name for name, obj in vars(mod).items() if isinstance(obj, JITFunction)}
         specs = mod.compile_specs() if hasattr(mod, "compile_specs") else []
         covered = {getattr(s["fn"], "__name__", None) for s in specs}
+        # @triton.jit helpers called by a covered kernel are compiled with it.
+        grew = True
+        while grew:
+            srcs = [vars(mod)[c].src for c in covered if c in jitted]
+            extra = {h for h in jitted - covered if any(h + "(" in src for src in srcs)}
+            covered |= extra
+            grew = bool(extra)
         for name in sorted(jitted - covered):
             results.append({"module": mod_name, "name": name, "target": None, "ok": False,
                             "error": "@triton.jit function without a compile_specs() entry"})
@@ -49,13 +59,18 @@ WORKER = textwrap.dedent(
                 row = {"module": mod_name, "name": spec["name"], "target": f"{backend}:{cap}"}
                 try:
                     opts = {k: spec[k] for k in ("num_warps", "num_stages") if k in spec}
-                    src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec.get("constexprs", {}))
+                    fn = spec["fn"]
+                    attrs = {(fn.arg_names.index(a),): v for a, v in spec.get("attrs", {}).items()}
+                    src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec.get("constexprs", {}),
+                                    attrs=attrs)
                     kernel = triton.compile(src, target=GPUTarget(backend, cap, warp), options=opts)
                     ptx = kernel.asm["ptx"]
-                    need = spec.get("ptx_contains", {}).get(cap) or spec.get("ptx_contains", {}).get(str(cap))
-                    row.update(ok=bool(kernel.asm.get("cubin")) and (need is None or need in ptx),
+                    need = spec.get("ptx_contains", {}).get(cap) or []
+                    need = [need] if isinstance(need, str) else list(need)
+                    missing = [w for w in need if w not in ptx]
+                    row.update(ok=bool(kernel.asm.get("cubin")) and not missing,
                                cubin_bytes=len(kernel.asm.get("cubin", b"")), shared=kernel.metadata.shared,
-                               ptx_needed=need, ptx_has_needed=None if need is None else need in ptx)
+                               ptx_needed=need, ptx_missing=missing)
                 except Exception:
                     row.update(ok=False, error=traceback.format_exc()[-1500:])
                 results.append(row)

@@ -39,6 +39,43 @@ _TL_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16
 
 
 @triton.jit
+def _sequence_xtx(
+    acc,
+    x_seq,
+    m_seq,
+    l_lo,
+    l_hi,
+    offs_m,
+    offs_n,
+    in_m,
+    in_n,
+    stride_xl,
+    stride_xn,
+    stride_ml,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``acc += X[l_lo:l_hi, cols m]ᵀ · X[l_lo:l_hi, cols n]`` over one sequence's unmasked tokens."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for l0 in range(l_lo, l_hi, BLOCK_K):
+        offs_l = l0 + offs_k
+        keep = offs_l < l_hi
+        if HAS_MASK:
+            # Padding is not even loaded (on both operands), so garbage or NaN there cannot leak in.
+            keep = keep & (tl.load(m_seq + offs_l * stride_ml, mask=keep, other=0) != 0)
+        rows = x_seq + offs_l[:, None].to(tl.int64) * stride_xl
+        a = tl.load(rows + offs_m[None, :] * stride_xn, mask=keep[:, None] & in_m[None, :], other=0.0)
+        bt = tl.load(rows + offs_n[None, :] * stride_xn, mask=keep[:, None] & in_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(tl.trans(a), bt, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _covariance_kernel(
     c_ptr,  # *fp32, C (K, n, n) (stride_ck = 0 when there is one buffer)
     x_ptr,  # *bf16/fp16/fp32, x (B, L, n)
@@ -86,7 +123,6 @@ def _covariance_kernel(
     offs_n = j * BLOCK + tl.arange(0, BLOCK)
     in_m = offs_m < n
     in_n = offs_n < n
-    offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     u_lo = sid * n_units // nsplit
@@ -99,25 +135,17 @@ def _covariance_kernel(
             # A sequence of another buffer: an empty token range.
             l_hi = tl.where(tl.load(k_ptr + b) == kbuf, l_hi, l_lo)
         x_seq = x_ptr + b.to(tl.int64) * stride_xb
-        part = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-        for l0 in range(l_lo, l_hi, BLOCK_K):
-            offs_l = l0 + offs_k
-            in_l = offs_l < l_hi
-            keep = in_l
-            if HAS_MASK:
-                mv = tl.load(m_ptr + b.to(tl.int64) * stride_mb + offs_l * stride_ml, mask=in_l, other=0)
-                keep = keep & (mv != 0)
-            rows = x_seq + offs_l[:, None].to(tl.int64) * stride_xl
-            a = tl.load(rows + offs_m[None, :] * stride_xn, mask=keep[:, None] & in_m[None, :], other=0.0)
-            bt = tl.load(rows + offs_n[None, :] * stride_xn, mask=keep[:, None] & in_n[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                bt = bt.to(tl.float32)
-            part = tl.dot(tl.trans(a), bt, part, input_precision=INPUT_PRECISION)
+        m_seq = m_ptr + b.to(tl.int64) * stride_mb
         if HAS_SCALE:
+            # The scale multiplies this sequence's fp32 partial product (a second accumulator,
+            # only in this variant), so 16-bit operands stay exact.
+            part = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+            part = _sequence_xtx(part, x_seq, m_seq, l_lo, l_hi, offs_m, offs_n, in_m, in_n, stride_xl, stride_xn,
+                                 stride_ml, HAS_MASK, UPCAST, INPUT_PRECISION, BLOCK_K)  # fmt: skip
             acc += part * tl.load(s_ptr + b)
         else:
-            acc += part
+            acc = _sequence_xtx(acc, x_seq, m_seq, l_lo, l_hi, offs_m, offs_n, in_m, in_n, stride_xl, stride_xn,
+                                stride_ml, HAS_MASK, UPCAST, INPUT_PRECISION, BLOCK_K)  # fmt: skip
 
     c_tile = c_ptr + kbuf.to(tl.int64) * stride_ck + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     cmask = in_m[:, None] & in_n[None, :]
@@ -266,29 +294,39 @@ def compile_specs() -> list[dict[str, Any]]:
     """Kernels and signatures for the Hopper / Ampere compile check (fp32 / bf16 / fp16 inputs).
 
     Each entry: ``fn`` (the ``@triton.jit`` function), ``signature`` (argument → Triton type
-    string), ``constexprs`` (argument → value), ``name``, ``num_warps``, ``num_stages`` and
-    ``ptx_contains`` (capability → instruction the PTX must contain).
+    string), ``constexprs`` (argument → value), ``name``, ``num_warps``, ``num_stages``,
+    ``attrs`` (argument → Triton attributes, e.g. ``[["tt.divisibility", 16]]``) and
+    ``ptx_contains`` (capability → instructions the PTX must contain).
+
+    Most variants are specialized as a launch on contiguous tensors with n a multiple of 16
+    specializes them (stride 1 → constant, 16-byte aligned pointers, multiples of 16 marked):
+    that is what turns the loads into pipelined ``cp.async`` copies and, for 16-bit inputs, the
+    dot into ``wgmma`` on sm_90 (both required below). ``generic`` variants keep every
+    integer a runtime value (odd n, strided x).
     """
     ints = [
         "n", "L", "stride_ck", "stride_cm", "stride_cn", "stride_xb", "stride_xl", "stride_xn",
         "stride_mb", "stride_ml", "n_tiles", "n_units", "l_split", "chunk_l",
     ]  # fmt: skip
+    unit_strides = ("stride_cn", "stride_xn", "stride_ml")
+    aligned = ("c_ptr", "x_ptr", "m_ptr", "s_ptr", "k_ptr", "n", "L", "stride_ck", "stride_cm", "stride_xb",
+               "stride_xl", "stride_mb", "chunk_l")  # fmt: skip
     specs: list[dict[str, Any]] = []
     variants = [
-        # (dtype, triangle, mask, scale, bucket, atomic, precision)
-        (torch.bfloat16, True, False, False, False, False, "ieee"),
-        (torch.bfloat16, True, True, True, True, True, "ieee"),
-        (torch.float16, True, True, False, False, False, "ieee"),
-        (torch.float16, False, False, True, True, True, "ieee"),
-        (torch.float32, True, True, True, True, False, "ieee"),
-        (torch.float32, False, False, False, False, True, "ieee"),
-        (torch.float32, True, False, False, False, False, "tf32"),
+        # (dtype, triangle, mask, scale, bucket, atomic, precision, runtime-specialized)
+        (torch.bfloat16, True, False, False, False, False, "ieee", True),
+        (torch.bfloat16, True, True, True, False, False, "ieee", True),  # the collector's call
+        (torch.bfloat16, True, True, True, True, True, "ieee", False),
+        (torch.float16, True, True, False, False, False, "ieee", True),
+        (torch.float32, True, True, True, True, False, "ieee", True),
+        (torch.float32, False, False, False, False, True, "ieee", False),
+        (torch.float32, True, False, False, False, False, "tf32", True),
     ]
-    for dtype, tri, has_mask, has_scale, has_bucket, atomic, prec in variants:
+    for dtype, tri, has_mask, has_scale, has_bucket, atomic, prec, special in variants:
         cfg = default_config(4096, dtype, interpreted=False)
         sig = {"c_ptr": "*fp32", "x_ptr": f"*{_TL_TYPES[dtype]}", "m_ptr": "*u8", "s_ptr": "*fp32", "k_ptr": "*i64"}
         sig.update({name: "i32" for name in ints})
-        constexprs = {
+        constexprs: dict[str, Any] = {
             "TRIANGLE": tri,
             "HAS_MASK": has_mask,
             "HAS_SCALE": has_scale,
@@ -299,19 +337,30 @@ def compile_specs() -> list[dict[str, Any]]:
             "BLOCK": cfg["block"],
             "BLOCK_K": cfg["block_k"],
         }
+        attrs: dict[str, list[list[Any]]] = {}
+        if special:
+            constexprs.update({name: 1 for name in unit_strides})
+            attrs = {name: [["tt.divisibility", 16]] for name in aligned}
         sig.update({name: "constexpr" for name in constexprs})
         on = (("T", tri), ("M", has_mask), ("S", has_scale), ("K", has_bucket), ("A", atomic))
         flags = "".join(f for f, flag in on if flag)
+        need: dict[int, list[str]] = {}
+        if dtype != torch.float32:
+            # 16-bit inputs must reach the tensor cores: wgmma on Hopper, mma.sync on Ampere.
+            need = {90: ["wgmma.mma_async"], 80: ["mma.sync"]}
+        if special:
+            for cap in (90, 80):
+                need.setdefault(cap, []).append("cp.async")
         specs.append(
             {
                 "fn": _covariance_kernel,
                 "signature": sig,
                 "constexprs": constexprs,
-                "name": f"covariance_{_TL_TYPES[dtype]}_{flags}_{prec}",
+                "attrs": attrs,
+                "name": f"covariance_{_TL_TYPES[dtype]}_{flags}_{prec}_{'launch' if special else 'generic'}",
                 "num_warps": cfg["num_warps"],
                 "num_stages": cfg["num_stages"],
-                # 16-bit inputs must reach the tensor cores: wgmma on Hopper, mma.sync on Ampere.
-                "ptx_contains": {90: "wgmma", 80: "mma.sync"} if dtype != torch.float32 else {},
+                "ptx_contains": need,
             }
         )
     return specs

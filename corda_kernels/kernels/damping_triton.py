@@ -195,34 +195,41 @@ def _damped_inverse_triton(
 
 
 def compile_specs() -> list[dict[str, Any]]:
-    """The shift and residual kernels with their GPU configurations, for the compile check."""
+    """The shift and residual kernels with their GPU configurations, for the compile check.
+
+    Specialized as a launch on contiguous ``(B, n, n)`` tensors with n a multiple of 16
+    (unit strides constant, aligned pointers and strides), which must give pipelined
+    ``cp.async`` loads; the residual check is also compiled with runtime strides (odd n).
+    """
     cfg = _residual_config(4096, interpreted=False)
-    res_sig = {"a_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": "*fp32"}
     ints = ("n", "stride_ab", "stride_am", "stride_ak", "stride_bb", "stride_bk", "stride_bn", "n_tiles")
-    res_sig.update({k: "i32" for k in ints})
-    res_const = {"INPUT_PRECISION": "ieee", "BLOCK": cfg["block"], "BLOCK_K": cfg["block_k"]}
-    res_sig.update({k: "constexpr" for k in res_const})
+    specs: list[dict[str, Any]] = []
+    for prec, special in (("ieee", True), ("ieee", False), ("tf32x3", True)):
+        sig: dict[str, str] = {"a_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": "*fp32"}
+        sig.update({k: "i32" for k in ints})
+        const: dict[str, Any] = {"INPUT_PRECISION": prec, "BLOCK": cfg["block"], "BLOCK_K": cfg["block_k"]}
+        attrs: dict[str, list[list[Any]]] = {}
+        if special:
+            const.update({"stride_ak": 1, "stride_bn": 1})
+            aligned = ("a_ptr", "b_ptr", "out_ptr", "n", "stride_ab", "stride_am", "stride_bb", "stride_bk")
+            attrs = {k: [["tt.divisibility", 16]] for k in aligned}
+        sig.update({k: "constexpr" for k in const})
+        specs.append(
+            {
+                "fn": _residual_kernel,
+                "signature": sig,
+                "constexprs": const,
+                "attrs": attrs,
+                "name": f"damping_residual_fp32_{prec}_{'launch' if special else 'generic'}",
+                "num_warps": cfg["num_warps"],
+                "num_stages": cfg["num_stages"],
+                "ptx_contains": {90: ["cp.async"], 80: ["cp.async"]} if special else {},
+            }
+        )
     shift_sig = {"c_ptr": "*fp32", "idx_ptr": "*i64", "shift_ptr": "*fp32", "out_ptr": "*fp32"}
     shift_sig.update({k: "i32" for k in ("n", "stride_cb", "stride_cm", "stride_cn", "n_tiles")})
     shift_sig["BLOCK"] = "constexpr"
-    tf32x3 = dict(res_const, INPUT_PRECISION="tf32x3")
-    return [
-        {
-            "fn": _residual_kernel,
-            "signature": res_sig,
-            "constexprs": tf32x3,
-            "name": "damping_residual_fp32_tf32x3",
-            "num_warps": cfg["num_warps"],
-            "num_stages": cfg["num_stages"],
-        },
-        {
-            "fn": _residual_kernel,
-            "signature": res_sig,
-            "constexprs": res_const,
-            "name": "damping_residual_fp32_ieee",
-            "num_warps": cfg["num_warps"],
-            "num_stages": cfg["num_stages"],
-        },
+    specs.append(
         {
             "fn": _shift_kernel,
             "signature": shift_sig,
@@ -230,5 +237,6 @@ def compile_specs() -> list[dict[str, Any]]:
             "name": "damping_shift_fp32",
             "num_warps": 4,
             "num_stages": 1,
-        },
-    ]
+        }
+    )
+    return specs
