@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _gpu_util import SMALL, rel_err, row, timeit  # noqa: E402
 
 import corda_kernels as ck  # noqa: E402
+import corda_kernels.kernels.damping_triton as dt  # noqa: E402
 from corda_kernels.damping import fix_covariance  # noqa: E402
 from corda_kernels.kernels.damping_triton import residual_norm, shifted_copy  # noqa: E402
 
@@ -62,6 +63,26 @@ def run(device: str) -> list[dict[str, Any]]:
             f"{torch.equal(f0, f1)}, doublings {steps}"
         )
         rows.append(row("damped_inverse search", f"B={B} n={n}", o_ms, t_ms, rel_err(i1, i0), note))
+        if torch.device(device).type == "cuda":
+            dt.CHECK_INPUT_PRECISION = "tf32x3"
+            try:
+                ck.set_backend("triton")
+                f2, i2, d2 = ck.damped_inverse(C, damp=damp0)
+                x_ms = timeit(lambda C=C, damp0=damp0: ck.damped_inverse(C, damp=damp0), device, rep_ms=300)
+            finally:
+                dt.CHECK_INPUT_PRECISION = "ieee"
+                ck.set_backend("auto")
+            agree = torch.equal(d0, d2)
+            rows.append(
+                row(
+                    "damped_inverse search, tf32x3 check (option)",
+                    f"B={B} n={n}",
+                    x_ms,
+                    t_ms,
+                    rel_err(i2, i0),
+                    f"experiment: damps {'same' if agree else 'DIFFER'} as torch rule",
+                )
+            )
 
     # The check alone, on a near-identity residual (the regime the rule decides in).
     B, n = (2, 64) if SMALL else (4, 4096)
