@@ -19,7 +19,8 @@ Inputs (the op's schema, see :mod:`corda_kernels.covariance`):
 
 Grid: ``(tiles, K, split)``. ``split > 1`` cuts the (sequence, token-chunk) work units among
 programs that add their partials with ``tl.atomic_add`` (used on the GPU when there are too
-few tiles to fill the chip). The dot uses ``input_precision="ieee"`` by default (exact fp32
+few tiles to fill the chip; the sum order then varies run to run, so those results are
+reproducible to fp32 rounding, not bitwise). The dot uses ``input_precision="ieee"`` by default (exact fp32
 for fp32 inputs, as on the CPU); ``input_precision="tf32"`` is an opt-in for fp32 inputs on
 the GPU. Under ``TRITON_INTERPRET=1`` 16-bit tiles are cast to fp32 before ``tl.dot``
 (the interpreter's bf16 arithmetic is wrong), and tiles are large so that few programs run.
@@ -27,6 +28,7 @@ the GPU. Under ``TRITON_INTERPRET=1`` 16-bit tiles are cast to fp32 before ``tl.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -168,6 +170,11 @@ def default_config(n: int, dtype: torch.dtype, interpreted: bool) -> dict[str, i
     return {"block": 128, "block_k": 64, "num_warps": 8, "num_stages": 3}
 
 
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Make ``device`` current for a launch (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -202,6 +209,8 @@ def covariance_update_triton(
         raise TypeError(f"covariance_update (triton): x must be fp32/bf16/fp16, got {x.dtype}")
     if C.dtype != torch.float32:
         raise TypeError(f"covariance_update (triton): C must be float32, got {C.dtype}")
+    if C.device != x.device:
+        raise ValueError(f"covariance_update (triton): C is on {C.device}, x on {x.device}")
     B, L, n = x.shape
     if B == 0 or L == 0 or n == 0:
         return
@@ -244,38 +253,39 @@ def covariance_update_triton(
     s = seq_scale.to(torch.float32).contiguous() if seq_scale is not None else dummy
     k = seq_bucket.to(torch.int64).contiguous() if seq_bucket is not None else dummy
     grid = (tiles, K, split)
-    _covariance_kernel[grid](
-        C3,
-        x,
-        m,
-        s,
-        k,
-        n,
-        L,
-        stride_ck,
-        C3.stride(1),
-        C3.stride(2),
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        stride_mb,
-        stride_ml,
-        n_tiles,
-        n_units,
-        l_split,
-        chunk_l,
-        TRIANGLE=upper_only,
-        HAS_MASK=mask is not None,
-        HAS_SCALE=seq_scale is not None,
-        HAS_BUCKET=seq_bucket is not None,
-        ATOMIC=split > 1,
-        UPCAST=interpreted and x.dtype != torch.float32,
-        INPUT_PRECISION=input_precision,
-        BLOCK=block,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    with _on_device(x.device):
+        _covariance_kernel[grid](
+            C3,
+            x,
+            m,
+            s,
+            k,
+            n,
+            L,
+            stride_ck,
+            C3.stride(1),
+            C3.stride(2),
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            stride_mb,
+            stride_ml,
+            n_tiles,
+            n_units,
+            l_split,
+            chunk_l,
+            TRIANGLE=upper_only,
+            HAS_MASK=mask is not None,
+            HAS_SCALE=seq_scale is not None,
+            HAS_BUCKET=seq_bucket is not None,
+            ATOMIC=split > 1,
+            UPCAST=interpreted and x.dtype != torch.float32,
+            INPUT_PRECISION=input_precision,
+            BLOCK=block,
+            BLOCK_K=block_k,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
 
 
 @register_impl("covariance_update", "triton")

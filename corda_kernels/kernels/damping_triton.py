@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ..backend import register_impl, triton_interpreted
 from ..damping import DampingError
+from .covariance_triton import _on_device
 
 
 @triton.jit
@@ -116,10 +117,11 @@ def shifted_copy(C: torch.Tensor, idx: torch.Tensor, shift: torch.Tensor) -> tor
         return out
     block = _shift_block(triton_interpreted())
     n_tiles = triton.cdiv(n, block)
-    _shift_kernel[(n_tiles * n_tiles, B)](
-        C, idx.to(torch.int64).contiguous(), shift.to(torch.float32).contiguous(), out, n,
-        C.stride(0), C.stride(1), C.stride(2), n_tiles, BLOCK=block,
-    )  # fmt: skip
+    with _on_device(C.device):
+        _shift_kernel[(n_tiles * n_tiles, B)](
+            C, idx.to(torch.int64).contiguous(), shift.to(torch.float32).contiguous(), out, n,
+            C.stride(0), C.stride(1), C.stride(2), n_tiles, BLOCK=block,
+        )  # fmt: skip
     return out
 
 
@@ -142,12 +144,13 @@ def residual_norm(
     part = torch.empty(B, n_tiles * n_tiles, dtype=torch.float32, device=A.device)
     if B == 0:
         return part.sum(1)
-    _residual_kernel[(n_tiles * n_tiles, B)](
-        A, Binv, part, n,
-        A.stride(0), A.stride(1), A.stride(2), Binv.stride(0), Binv.stride(1), Binv.stride(2),
-        n_tiles, INPUT_PRECISION=input_precision, BLOCK=block, BLOCK_K=block_k,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )  # fmt: skip
+    with _on_device(A.device):
+        _residual_kernel[(n_tiles * n_tiles, B)](
+            A, Binv, part, n,
+            A.stride(0), A.stride(1), A.stride(2), Binv.stride(0), Binv.stride(1), Binv.stride(2),
+            n_tiles, INPUT_PRECISION=input_precision, BLOCK=block, BLOCK_K=block_k,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )  # fmt: skip
     return part.sum(1).sqrt()
 
 
