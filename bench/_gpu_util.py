@@ -15,7 +15,9 @@ from __future__ import annotations
 import functools
 import os
 import statistics
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -104,3 +106,17 @@ def row(
         "max_err": max_err,
         "note": note,
     }
+
+
+def guarded(rows: list[dict[str, Any]], label: str, fn: Callable[[], list[dict[str, Any]]]) -> None:
+    """Run one section of a suite module and extend ``rows`` with its rows; an exception becomes
+    an ERROR row (traceback on stderr) so the other sections still run. Resets the backend."""
+    import corda_kernels as ck
+
+    try:
+        rows.extend(fn())
+    except Exception as e:
+        traceback.print_exc(file=sys.stderr)
+        rows.append(row(label, "-", note=f"ERROR {type(e).__name__}: {e}"[:300]))
+    finally:
+        ck.set_backend("auto")
