@@ -90,6 +90,13 @@ def _kernels(device: str) -> list[dict[str, Any]]:
     ok = "pass" if rel_err(ours, ref) < 1e-3 else "FAIL"
     rows.append(row("‖C_fix·C_inv − I‖_F", f"B={B} n={n}", o_ms, r_ms, rel_err(ours, ref),
                     f"{ok}: values {_r(ours)} vs torch {_r(ref)}"))  # fmt: skip
+    for cfg in ({"block": 128, "block_k": 32, "num_warps": 8}, {"block": 128, "block_k": 16, "num_warps": 8},
+                {"block": 64, "block_k": 16, "num_warps": 4, "num_stages": 4}):  # fmt: skip
+        try:
+            c_ms = timeit(lambda cfg=cfg: residual_norm(A, inv, config=cfg), device)
+            rows.append(row("‖C_fix·C_inv − I‖_F config", f"B={B} n={n}", c_ms, r_ms, note=str(cfg)))
+        except Exception as e:  # a config that does not fit must not end the section
+            rows.append(row("‖C_fix·C_inv − I‖_F config", f"B={B} n={n}", note=f"{cfg} failed: {e}"[:200]))
     if torch.device(device).type == "cuda":
         fast = residual_norm(A, inv, input_precision="tf32x3")
         f_ms = timeit(lambda: residual_norm(A, inv, input_precision="tf32x3"), device)

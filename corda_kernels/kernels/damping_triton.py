@@ -126,20 +126,28 @@ def shifted_copy(C: torch.Tensor, idx: torch.Tensor, shift: torch.Tensor) -> tor
 
 
 def residual_norm(
-    A: torch.Tensor, Binv: torch.Tensor, *, block: int | None = None, input_precision: str = "ieee"
+    A: torch.Tensor,
+    Binv: torch.Tensor,
+    *,
+    block: int | None = None,
+    input_precision: str = "ieee",
+    config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """``‖A[b]·Binv[b] − I‖_F`` for fp32 ``A``, ``Binv`` ``(B, n, n)`` → fp32 ``(B,)`` on their device.
 
     The product is formed tile by tile in registers (exact fp32 ``ieee`` dots, the rule's
     arithmetic; ``"tf32x3"`` is an opt-in for GPU experiments, never used by the search);
-    only one float per tile goes to memory. ``block`` overrides the tile size (tests).
+    only one float per tile goes to memory. ``block`` overrides the tile size (tests);
+    ``config`` overrides any of ``block``, ``block_k``, ``num_warps``, ``num_stages`` (benchmarks).
     """
     if A.shape != Binv.shape or A.dim() != 3 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"residual_norm: need two (B, n, n) tensors, got {tuple(A.shape)} and {tuple(Binv.shape)}")
     B, n, _ = A.shape
     cfg = _residual_config(n, triton_interpreted())
-    block = block or cfg["block"]
-    block_k = min(cfg["block_k"], block) if block != cfg["block"] else cfg["block_k"]
+    if block is not None and block != cfg["block"]:
+        cfg.update(block=block, block_k=min(cfg["block_k"], block))
+    cfg.update(config or {})
+    block, block_k = cfg["block"], cfg["block_k"]
     n_tiles = triton.cdiv(n, block)
     part = torch.empty(B, n_tiles * n_tiles, dtype=torch.float32, device=A.device)
     if B == 0:
