@@ -183,7 +183,8 @@ def test_triton_and_torch_backends_agree(gen: torch.Generator) -> None:
 
 
 def test_triton_backend_without_interpreter_is_a_clear_error() -> None:
-    """With TRITON_INTERPRET=0 and CPU tensors the triton backend refuses; auto uses torch."""
+    """With TRITON_INTERPRET=0 and CPU tensors the triton backend refuses (covariance and damped
+    inverse); auto uses torch."""
     code = textwrap.dedent(
         """
         import torch, corda_kernels as ck
@@ -196,10 +197,15 @@ def test_triton_backend_without_interpreter_is_a_clear_error() -> None:
         except RuntimeError as e:
             assert "triton backend needs CUDA tensors" in str(e), e
             print("REFUSED")
+        try:
+            ck.damped_inverse(torch.eye(5) * 2.0)
+        except RuntimeError as e:
+            assert "triton backend needs CUDA tensors" in str(e), e
+            print("REFUSED damped_inverse")
         """
     )
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
     env.pop("CORDA_KERNELS_BACKEND", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "REFUSED" in out.stdout
+    assert "REFUSED\n" in out.stdout and "REFUSED damped_inverse" in out.stdout
