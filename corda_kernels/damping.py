@@ -40,9 +40,24 @@ define_op(
 def fix_covariance(C: torch.Tensor, damp: torch.Tensor) -> torch.Tensor:
     """``C + damp·mean(diag C)·I`` for ``C`` ``(B, n, n)`` and ``damp`` ``(B,)`` (PEFT's arithmetic)."""
     n = C.shape[-1]
-    shift = torch.diagonal(C, dim1=-2, dim2=-1).mean(-1) * damp.to(C.dtype)
+    # One matrix at a time, on a contiguous diagonal: a batched strided mean rounds differently.
+    means = torch.stack([torch.mean(torch.diag(c)) for c in C])
+    shift = means * damp.to(device=C.device, dtype=C.dtype)
     eye = torch.eye(n, dtype=C.dtype, device=C.device)
     return C + shift.view(-1, 1, 1) * eye
+
+
+def _inverse(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched ``inv_ex``; on the CPU one matrix at a time, as PEFT does it.
+
+    Batched LU on the CPU returns garbage pivots in torch 2.13 + MKL once
+    ``torch.set_num_threads`` has been called (even with the default count), and a loop
+    costs nothing there: MKL factors batch members one by one anyway.
+    """
+    if A.device.type != "cpu":
+        return torch.linalg.inv_ex(A)
+    pairs = [torch.linalg.inv_ex(a) for a in A]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
 @register_impl("damped_inverse", "torch")
@@ -57,7 +72,7 @@ def _damped_inverse_torch(
     eye = torch.eye(n, dtype=C.dtype, device=C.device)
     for _ in range(max_steps):
         fixed = fix_covariance(C[todo], damps[todo])
-        inv, info = torch.linalg.inv_ex(fixed)
+        inv, info = _inverse(fixed)
         err = torch.linalg.matrix_norm(fixed @ inv - eye).cpu()
         ok = (info.cpu() == 0) & (err < threshold)
         done = todo[ok]

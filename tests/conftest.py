@@ -9,8 +9,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative Frobenius error of ``a`` against ``ref``, computed in float64."""
