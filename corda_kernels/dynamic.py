@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from .calibration import CovarianceCollector, linear_weight
 from .damping import DampingError, damped_inverse
 from .decomposition import cosvd
-from .pipeline import LayerResult, which_for
+from .pipeline import LayerResult, group_shared, which_for
 from .spectra import candidate_spectrum, compactness, eig_extremes
 
 
@@ -183,6 +183,7 @@ class DynamicPlan:
     timings: dict[str, float]
     damp: dict[str, float]
     _c_fix: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _cov: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
     _key: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
 
     @property
@@ -193,6 +194,18 @@ class DynamicPlan:
     def c_fix(self, name: str) -> torch.Tensor:
         """The chosen damped covariance of layer ``name``, ``(n, n)`` float32."""
         return self._c_fix[self._key[name]]
+
+    def covariance(self, name: str) -> torch.Tensor:
+        """The chosen covariance (before damping) of layer ``name``, ``(n, n)`` float32.
+
+        Layers that chose the same candidate of the same input get the same tensor object, so
+        :func:`corda_kernels.pipeline.decompose_layers` damps it once.
+        """
+        return self._cov[self._key[name]]
+
+    def covariances(self) -> dict[str, torch.Tensor]:
+        """``{name: chosen covariance}`` for every layer (see :meth:`covariance`)."""
+        return {n: self.covariance(n) for n in self.ranks}
 
     def lora_config_kwargs(self) -> dict:
         """``LoraConfig`` keyword arguments: ``r``, ``lora_alpha``, ``target_modules``, patterns, rsLoRA."""
@@ -212,12 +225,6 @@ class DynamicPlan:
         return a_l / math.sqrt(r_l) if self.use_rslora else a_l / r_l
 
 
-def _candidates(collector: CovarianceCollector, name: str, select: bool) -> torch.Tensor:
-    if select and collector.rounds > 1:
-        return collector.candidates(name)
-    return collector.covariance(name).unsqueeze(0)
-
-
 def plan_dynamic(
     modules: dict[str, nn.Module],
     collector: CovarianceCollector,
@@ -235,35 +242,84 @@ def plan_dynamic(
 
     ``select``: pick each layer's best of the collector's K round covariances (``K = 1`` or
     ``select=False``: the all-rounds covariance). ``allocate``: dynamic ranks at the budget of
-    ``rank`` everywhere (else ``rank`` everywhere). Cost per layer and candidate: one float64
-    product ``W·C_fix`` and one ``eigvalsh`` of the smaller Gram; per input and candidate: one
-    damping search and one ``eigvalsh`` of ``C_fix``.
+    ``rank`` everywhere (else ``rank`` everywhere). See :func:`plan_from_covariances`.
+    """
+    collector.finalize()
+    missing = [n for n in modules if n not in collector.acc_of]
+    if missing:
+        raise ValueError(f"plan_dynamic: layer(s) {', '.join(missing[:5])} are not calibrated by this collector")
+    covs: dict[str, torch.Tensor] = {}
+    cands: dict[str, torch.Tensor] = {}
+    for acc in collector.accumulators():
+        members = [m for m in acc.members if m in modules]
+        if not members:
+            continue
+        covs.update(dict.fromkeys(members, collector.covariance(members[0])))
+        if select and collector.rounds > 1:
+            cands.update(dict.fromkeys(members, collector.candidates(members[0])))
+    return plan_from_covariances(
+        modules,
+        covs,
+        cands or None,
+        rank,
+        alpha,
+        corda_method,
+        use_rslora,
+        allocate=allocate,
+        spectrum_method=spectrum_method,
+        progress=progress,
+    )
+
+
+def plan_from_covariances(
+    modules: dict[str, nn.Module],
+    covariances: dict[str, torch.Tensor],
+    candidates: dict[str, torch.Tensor] | None,
+    rank: int,
+    alpha: float,
+    corda_method: str,
+    use_rslora: bool = False,
+    *,
+    allocate: bool = True,
+    spectrum_method: str = "gram",
+    progress: bool = True,
+) -> DynamicPlan:
+    """CorDA++ from covariance maps: ``covariances[name]`` ``(n, n)`` (the all-rounds one) and,
+    for selection, ``candidates[name]`` ``(K, n, n)`` float32. Layers sharing an input share the
+    *same tensor objects* (as :meth:`CovarianceCollector.covariances` gives them), so each input
+    is damped and its ``λ``'s computed once per candidate. ``candidates=None`` (or K = 1): no
+    selection, the all-rounds covariance for every layer.
+
+    Cost per layer and candidate: one float64 product ``W·C_fix`` and one ``eigvalsh`` of the
+    smaller Gram; per input and candidate: one damping search and one ``eigvalsh`` of ``C_fix``.
     """
     which_for(corda_method)
     if rank < 1:
         raise ValueError(f"plan_dynamic: rank must be >= 1, got {rank}")
+    missing = [n for n in modules if n not in covariances or (candidates is not None and n not in candidates)]
+    if missing:
+        raise ValueError(f"plan_dynamic: no covariance for layer(s) {', '.join(missing[:5])}")
     t_start = time.perf_counter()
-    collector.finalize()
     timings = {"damping_s": 0.0, "spectra_s": 0.0, "selection_s": 0.0, "allocation_s": 0.0}
-    K = collector.rounds if select else 1
+    groups = group_shared({n: covariances[n] for n in modules})
+    K = 1 if candidates is None else int(candidates[groups[0][1][0]].shape[0])
     choice: dict[str, int] = {}
     damp: dict[str, float] = {}
     spectra = {}
     all_scores: dict[str, list[float]] = {}
     c_fix: dict[tuple[int, int], torch.Tensor] = {}
+    chosen_cov: dict[tuple[int, int], torch.Tensor] = {}
     key: dict[str, tuple[int, int]] = {}
     bar = tqdm(total=len(modules), desc="CorDA++ spectra", unit="layer", disable=not progress)
-    for a_idx, acc in enumerate(collector.accumulators()):
-        members = [m for m in acc.members if m in modules]
-        if not members:
-            continue
+    for g_idx, (C_all, members) in enumerate(groups):
         t0 = time.perf_counter()
-        covs = _candidates(collector, members[0], select)
+        covs = C_all.unsqueeze(0) if K == 1 else candidates[members[0]]
+        if any(candidates is not None and candidates[m] is not candidates[members[0]] for m in members):
+            raise ValueError(f"layers {', '.join(members)} share a covariance but not their candidates")
         try:
-            C_fix, _, damps = damped_inverse(covs)
+            C_fix, _, damps = damped_inverse(covs.float())
         except DampingError as err:
             raise DampingError(err.index, f"layer(s) {', '.join(members)}, candidate {err.index}: {err}") from err
-        del covs
         t1 = time.perf_counter()
         lo, hi = eig_extremes(C_fix)
         timings["damping_s"] += t1 - t0
@@ -284,16 +340,14 @@ def plan_dynamic(
             all_scores[name] = scores
             spectra[name] = specs[best]
             damp[name] = float(damps[best])
-            key[name] = (a_idx, best)
+            key[name] = (g_idx, best)
             if key[name] not in c_fix:
                 c_fix[key[name]] = C_fix[best].clone()
+                chosen_cov[key[name]] = covs[best]
             bar.update(1)
         del C_fix
     bar.close()
-    names = [n for n in collector.order if n in modules]
-    missing = [n for n in modules if n not in spectra]
-    if missing:
-        raise ValueError(f"plan_dynamic: layer(s) {', '.join(missing[:5])} are not calibrated by this collector")
+    names = list(modules)
     t4 = time.perf_counter()
     shapes = {n: tuple(linear_weight(modules[n]).shape) for n in names}
     if allocate:
@@ -345,6 +399,7 @@ def plan_dynamic(
         timings=timings,
         damp=damp,
         _c_fix=c_fix,
+        _cov=chosen_cov,
         _key=key,
     )
 
@@ -374,3 +429,42 @@ def decompose_plan(
             "time_s": time.perf_counter() - t0,
         }
         yield LayerResult(name, U, S, V, plan.damp[name], info)
+
+
+def plan_for_init(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    covs: dict[str, torch.Tensor],
+    cands: dict[str, torch.Tensor],
+    opts,  # noqa: ANN001  (init_job.InitOptions: rank, lora_alpha(), mode, rslora, progress)
+    report,  # noqa: ANN001  (init_job.Report: CorDA++ rows and timings go to report.extra["corda++"])
+) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float]]:
+    """``corda-kernels init --dynamic``: the chosen covariance, rank and alpha of every target.
+
+    ``covs`` / ``cands`` are the init job's maps (``{name: (n, n)}`` and ``{name: (K, n, n)}``,
+    shared inputs sharing tensor objects; ``cands`` empty when K = 1). Returns maps over all
+    ``targets``: rank 0 layers keep their covariance and the user's alpha, and the caller drops
+    them from the adapter targets. ``report.extra["corda++"]`` gets the per-layer rows
+    (compactness, truncation bound, scores, chosen candidate, rank) and the stage timings.
+    """
+    plan = plan_from_covariances(
+        targets,
+        covs,
+        cands or None,
+        opts.rank,
+        opts.lora_alpha(),
+        opts.mode,
+        opts.rslora,
+        progress=opts.progress,
+    )
+    alphas = {n: plan.alpha_pattern.get(n, opts.lora_alpha()) for n in plan.ranks}
+    report.extra["corda++"] = {
+        "rounds": plan.rounds,
+        "budget_params": opts.rank * sum(sum(linear_weight(m).shape) for m in targets.values()),
+        "used_params": sum(plan.ranks[n] * sum(linear_weight(m).shape) for n, m in targets.items()),
+        "layers_rank0": [n for n, r in plan.ranks.items() if r == 0],
+        "alpha_rule": "alpha_l = alpha*r_l/r (rsLoRA: alpha*sqrt(r_l/r)): every layer keeps the scaling asked for",
+        "timings_s": plan.timings,
+        "layers": plan.rows,
+    }
+    return plan.covariances(), dict(plan.ranks), alphas

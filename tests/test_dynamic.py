@@ -273,3 +273,42 @@ def test_tiny_llama_dynamic_adapters_exact(method: str, tmp_path, gen: torch.Gen
         loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
         again = loaded(ids).logits
     assert float((again - ref_logits).norm() / ref_logits.norm()) < 1e-5
+
+
+def test_plan_for_init_matches_decompose_plan(gen: torch.Generator) -> None:
+    from types import SimpleNamespace
+
+    from corda_kernels.dynamic import plan_for_init
+
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    model = _tiny_llama(seed)
+    mods = _targets(model)
+    ids = torch.randint(0, 96, (6, 20), generator=gen)
+    col = CovarianceCollector(mods, rounds=3)
+    with col.attached(), torch.no_grad():
+        col.set_batch(torch.ones(6, 20, dtype=torch.bool))
+        model(ids)
+    covs = col.covariances()
+    cands = {}
+    for acc in col.accumulators():
+        cands.update(dict.fromkeys(acc.members, col.candidates(acc.members[0])))
+    opts = SimpleNamespace(rank=3, lora_alpha=lambda: 6.0, mode="kpm", rslora=False, progress=False)
+    report = SimpleNamespace(extra={})
+    chosen, ranks, alphas = plan_for_init(model, mods, covs, cands, opts, report)
+    plan = plan_dynamic(mods, col, 3, 6.0, "kpm", progress=False)
+    assert ranks == plan.ranks and set(chosen) == set(mods)
+    assert all(alphas[n] == pytest.approx(6.0 * ranks[n] / 3) for n in mods if ranks[n] > 0)
+    extra = report.extra["corda++"]
+    assert extra["rounds"] == 3 and len(extra["layers"]) == len(mods)
+    assert 0 <= extra["used_params"] - extra["budget_params"] < max(sum(m.weight.shape) for m in mods.values())
+    # shared inputs that chose the same candidate share one tensor (damped once downstream)
+    for n in mods:
+        for o in mods:
+            if plan._key[n] == plan._key[o]:
+                assert chosen[n] is chosen[o]
+    live = {n: m for n, m in mods.items() if ranks[n] > 0}
+    ours = {r.name: r for r in decompose_layers(live, chosen, ranks, "kpm", progress=False)}
+    ref = {r.name: r for r in decompose_plan(mods, plan, progress=False)}
+    assert set(ours) == set(ref) == set(live)
+    for n in live:
+        assert torch.equal(ours[n].S, ref[n].S) and torch.equal(ours[n].U, ref[n].U)
