@@ -571,5 +571,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _run_subcommand(args: argparse.Namespace) -> int:
+    run_from_args(args)
+    return 0
+
+
+def _register() -> None:
+    """Register ``corda-kernels study`` with the CLI (which imports this module for its plugins)."""
+    try:
+        from .cli import SUBCOMMANDS
+    except ModuleNotFoundError as err:  # a tree without the CLI: python -m corda_kernels.study still works
+        if err.name != "corda_kernels.cli":
+            raise
+        return
+    SUBCOMMANDS["study"] = (add_arguments, _run_subcommand)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
+_register()
