@@ -587,6 +587,7 @@ def _register() -> None:
     SUBCOMMANDS["study"] = (add_arguments, _run_subcommand)
 
 
+_register()
+
 if __name__ == "__main__":
     raise SystemExit(main())
-_register()
