@@ -37,12 +37,18 @@ define_op(
 )
 
 
+def diag_means(C: torch.Tensor) -> torch.Tensor:
+    """``mean(diag C_b)`` for each matrix of ``C`` ``(B, n, n)``, rounded exactly as PEFT rounds it.
+
+    One matrix at a time, on a contiguous diagonal: a batched strided mean rounds differently.
+    """
+    return torch.stack([torch.mean(torch.diag(c)) for c in C])
+
+
 def fix_covariance(C: torch.Tensor, damp: torch.Tensor) -> torch.Tensor:
     """``C + damp·mean(diag C)·I`` for ``C`` ``(B, n, n)`` and ``damp`` ``(B,)`` (PEFT's arithmetic)."""
     n = C.shape[-1]
-    # One matrix at a time, on a contiguous diagonal: a batched strided mean rounds differently.
-    means = torch.stack([torch.mean(torch.diag(c)) for c in C])
-    shift = means * damp.to(device=C.device, dtype=C.dtype)
+    shift = diag_means(C) * damp.to(device=C.device, dtype=C.dtype)
     eye = torch.eye(n, dtype=C.dtype, device=C.device)
     return C + shift.view(-1, 1, 1) * eye
 

@@ -35,11 +35,11 @@ def test_covariance_update(dtype: torch.dtype, n: int, gen: torch.Generator) -> 
 
 
 def test_covariance_upper_only_and_noncontiguous(gen: torch.Generator) -> None:
-    x = torch.randn(600, 2, 7, generator=gen).permute(1, 2, 0)  # (2, 7, 600), non-contiguous
+    x = torch.randn(1100, 2, 7, generator=gen).permute(1, 2, 0)  # (2, 7, 1100), non-contiguous
     assert not x.is_contiguous()
-    C = ck.covariance_update(torch.zeros(600, 600), x, upper_only=True)
+    C = ck.covariance_update(torch.zeros(1100, 1100), x, upper_only=True)
     ref = ref_cov(x)
-    upper = torch.triu(torch.ones(600, 600, dtype=torch.bool))
+    upper = torch.triu(torch.ones(1100, 1100, dtype=torch.bool))
     assert rel_err(C[upper], ref[upper]) < 1e-6
     from corda_kernels.covariance import symmetrize_
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..backend import register_impl, triton_interpreted
-from ..damping import DampingError
+from ..damping import DampingError, diag_means
 from .covariance_triton import _on_device
 
 
@@ -188,7 +188,7 @@ def _damped_inverse_triton(
     C_fix = torch.empty_like(C)
     C_inv = torch.empty_like(C)
     # The same reduction as fix_covariance's (diagonal of each matrix, mean in fp32).
-    diag_mean = torch.diagonal(C, dim1=-2, dim2=-1).mean(-1)
+    diag_mean = diag_means(C)
     todo = torch.arange(B)
     for _ in range(max_steps):
         todo_dev = todo.to(C.device)

@@ -1,0 +1,312 @@
+"""``corda-kernels init``: CorDA adapters for a model, end to end.
+
+Stages (each timed in ``report.json``): load the model and text, calibrate (covariances of
+every target layer, cached atomically in ``OUT/covariance.pt`` so a rerun resumes), decompose
+(damped inverse + CO-SVD + adapters, one layer at a time, progress saved in
+``OUT/.partial.pt``), export (the residual model with ``save_pretrained`` and a PEFT adapter
+directory that ``PeftModel.from_pretrained`` loads onto it), verify (logits after init equal
+the original's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import cache, data
+from .adapters import build_adapter, lora_scaling
+from .calibration import CovarianceCollector, in_features, linear_weight
+from .peft import target_modules
+from .pipeline import check_ranks, decompose_layers
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class InitOptions:
+    """Options of ``corda-kernels init`` (the CLI's flags, one to one)."""
+
+    model: str = data.DEFAULT_MODEL
+    data: str = "lee"
+    mode: str = "ipm"
+    rank: int = 16
+    alpha: float | None = None  # default: the rank (scaling 1)
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    samples: int = 64
+    seq_len: int = 256
+    batch_size: int = 8
+    normalization: str = "peft"
+    method: str = "exact"
+    rslora: bool = False
+    dynamic: bool = False
+    rounds: int = 5
+    quantize: str = "none"
+    out: str = "corda-out"
+    progress: bool = True
+    verify_tokens: int = 64
+
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+@dataclass
+class Report:
+    options: dict
+    stages: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: float = 0.0
+    layers: dict[str, dict] = field(default_factory=dict)
+    verify: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def stage(report: Report, name: str):  # noqa: ANN201
+    t0 = time.perf_counter()
+    yield
+    report.stages[name] = round(time.perf_counter() - t0, 3)
+
+
+def lora_config(
+    opts: InitOptions,
+    *,
+    corda: bool = True,
+    rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
+    targets: list[str] | None = None,
+):  # noqa: ANN201
+    from peft import LoraConfig
+    from peft.tuners.lora.config import CordaConfig
+
+    kw: dict[str, Any] = {}
+    if corda:
+        kw = {"init_lora_weights": "corda", "corda_config": CordaConfig(corda_method=opts.mode)}
+    return LoraConfig(
+        r=opts.rank,
+        lora_alpha=opts.lora_alpha(),
+        target_modules=list(targets or opts.targets),
+        use_rslora=opts.rslora,
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern=dict(alpha_pattern or {}),
+        **kw,
+    )
+
+
+def calibration_runner(model: nn.Module, targets: dict[str, nn.Module]):  # noqa: ANN201
+    """The cheapest forward that reaches every target: the backbone alone when no target is outside it."""
+    base = getattr(model, "base_model", model)
+    if base is not model:
+        inside = {id(m) for m in base.modules()}
+        if all(id(m) in inside for m in targets.values()):
+            return base
+    return model
+
+
+def calibrate(
+    model: nn.Module, targets: dict[str, nn.Module], ids: torch.Tensor, opts: InitOptions, rounds: int = 1
+) -> CovarianceCollector:
+    """Run the calibration batches through ``model`` with the covariance hooks attached."""
+    collector = CovarianceCollector(targets, normalization=opts.normalization, rounds=rounds)
+    runner = calibration_runner(model, targets)
+    batches = list(torch.split(ids, opts.batch_size))
+    with collector.attached(), torch.no_grad():  # accumulators must stay normal tensors
+        for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not opts.progress):
+            collector.set_batch(torch.ones(batch.shape, dtype=torch.bool))
+            runner(input_ids=batch)
+            collector.check_finite()
+    return collector
+
+
+def covariance_meta(opts: InitOptions, targets: dict[str, nn.Module], rounds: int) -> dict[str, Any]:
+    return {
+        "model": opts.model,
+        "data": opts.data,
+        "samples": opts.samples,
+        "seq_len": opts.seq_len,
+        "normalization": opts.normalization,
+        "rounds": rounds,
+        "in_features": {name: in_features(m) for name, m in targets.items()},
+    }
+
+
+def load_or_calibrate(model, targets, ids, opts: InitOptions, out: Path, rounds: int = 1):  # noqa: ANN001, ANN201
+    """``{name: C}`` (shared tensors for shared inputs) and, with rounds > 1, ``{name: (K, n, n)}``."""
+    path = out / "covariance.pt"
+    meta = covariance_meta(opts, targets, rounds)
+    if cache.exists(path):
+        stored = cache.load_checked(path, "covariance", meta)
+        return stored["covariances"], stored["candidates"]
+    collector = calibrate(model, targets, ids, opts, rounds)
+    covs = collector.covariances()
+    cands: dict[str, torch.Tensor] = {}
+    if rounds > 1:
+        for acc in collector.accumulators():
+            cands.update(dict.fromkeys(acc.members, collector.candidates(acc.members[0])))
+    cache.save_atomic(path, "covariance", meta, {"covariances": covs, "candidates": cands})
+    return covs, cands
+
+
+def run_init(opts: InitOptions) -> Report:
+    """The whole job; returns (and writes) the report."""
+    if opts.mode not in ("ipm", "kpm"):
+        raise ValueError(f"--mode must be ipm or kpm, got {opts.mode!r}")
+    if opts.quantize not in ("none", "nf4"):
+        raise ValueError(f"--quantize must be none or nf4, got {opts.quantize!r}")
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(options=asdict(opts))
+
+    with stage(report, "load"):
+        model, tokenizer = data.load_model(opts.model)
+        ids = data.token_blocks(tokenizer, data.load_text(opts.data), opts.samples, opts.seq_len)
+        targets = target_modules(model, lora_config(opts))
+        if not targets:
+            raise ValueError(f"--targets {','.join(opts.targets)} matched no nn.Linear / Conv1D of the model")
+        probe = ids[:1, : opts.verify_tokens]
+        with torch.inference_mode():
+            logits_before = model(probe).logits.float()
+
+    rounds = opts.rounds if opts.dynamic else 1
+    with stage(report, "calibrate"):
+        covs, cands = load_or_calibrate(model, targets, ids, opts, out, rounds)
+
+    ranks = dict.fromkeys(targets, opts.rank)
+    alphas = dict.fromkeys(targets, opts.lora_alpha())
+    if opts.dynamic:
+        with stage(report, "corda++"):
+            covs, ranks, alphas = plan_dynamic(model, targets, covs, cands, opts, report)
+    targets = {name: m for name, m in targets.items() if ranks[name] > 0}
+    check_ranks(targets, ranks)
+
+    with stage(report, "decompose"):
+        adapters = decompose_into(model, targets, covs, ranks, alphas, opts, out, report)
+
+    with stage(report, "export"):
+        peft_model = export(model, tokenizer, targets, adapters, ranks, alphas, opts, out, report)
+
+    with stage(report, "verify"), torch.inference_mode():
+        logits_after = peft_model(probe).logits.float()
+        err = float((logits_after - logits_before).norm() / logits_before.norm())
+        report.verify = {"tokens": int(probe.numel()), "logits_rel_err": err}
+    report.peak_rss_mib = round(peak_rss_mib(), 1)
+    write_report(report, out)
+    (out / ".partial.pt").unlink(missing_ok=True)
+    return report
+
+
+def plan_dynamic(model, targets, covs, cands, opts, report):  # noqa: ANN001, ANN201
+    """CorDA++: per-layer covariance selection and rank allocation (see corda_kernels.dynamic)."""
+    from .dynamic import plan_for_init  # noqa: PLC0415
+
+    return plan_for_init(model, targets, covs, cands, opts, report)
+
+
+def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: Path, report: Report):  # noqa: ANN001, ANN201
+    """Per layer: CO-SVD, adapters, residual written into the model in place. Resumable."""
+    partial = out / ".partial.pt"
+    meta = {
+        "mode": opts.mode,
+        "ranks": ranks,
+        "alphas": alphas,
+        "method": opts.method,
+        "rslora": opts.rslora,
+        "covariance": covariance_meta(opts, targets, opts.rounds if opts.dynamic else 1),
+    }
+    done: dict[str, dict] = {}
+    if cache.exists(partial):
+        try:
+            done = cache.load_checked(partial, "partial-adapters", meta)
+        except cache.CacheMismatchError:
+            done = {}
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, item in done.items():
+        W = linear_weight(targets[name])
+        _set_residual(targets[name], (W.float() - item["scaling"] * (item["B"] @ item["A"])).to(W.dtype))
+        adapters[name] = (item["A"], item["B"])
+        report.layers[name] = item["info"]
+    todo = {name: m for name, m in targets.items() if name not in done}
+    last_save = time.perf_counter()
+    for res in decompose_layers(todo, covs, ranks, opts.mode, method=opts.method, progress=opts.progress):
+        module = targets[res.name]
+        s = lora_scaling(alphas[res.name], ranks[res.name], opts.rslora)
+        A, B, W_res = build_adapter(linear_weight(module).detach(), res.U, res.S, res.V, s)
+        _set_residual(module, W_res)
+        adapters[res.name] = (A, B)
+        report.layers[res.name] = {**res.info, "alpha": alphas[res.name], "scaling": s}
+        done[res.name] = {"A": A, "B": B, "scaling": s, "info": report.layers[res.name]}
+        if time.perf_counter() - last_save > 20:
+            cache.save_atomic(partial, "partial-adapters", meta, done)
+            last_save = time.perf_counter()
+    return adapters
+
+
+def _set_residual(module: nn.Module, W_res: torch.Tensor) -> None:
+    linear_weight(module).data.copy_(W_res)  # a view: Conv1D's (in, out) storage is written transposed
+
+
+def export(model, tokenizer, targets, adapters, ranks, alphas, opts: InitOptions, out: Path, report: Report):  # noqa: ANN001, ANN201
+    """Residual model + PEFT adapter directory; returns the PEFT model (for verification)."""
+    from peft import get_peft_model
+
+    residual_dir, adapter_dir = out / "residual", out / "adapter"
+    model.save_pretrained(residual_dir)
+    tokenizer.save_pretrained(residual_dir)
+    if opts.quantize == "nf4":
+        report.outputs["residual_nf4"] = str(save_nf4_residual(targets, out / "residual_nf4.safetensors"))
+    rank_pattern = {name: r for name, r in ranks.items() if name in targets and r != opts.rank}
+    alpha_pattern = {name: a for name, a in alphas.items() if name in targets and a != opts.lora_alpha()}
+    # Exact module names as targets: layers that CorDA++ left at rank 0 get no adapter.
+    cfg = lora_config(
+        opts, corda=False, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, targets=sorted(targets)
+    )
+    cfg.base_model_name_or_path = str(residual_dir.resolve())
+    peft_model = get_peft_model(model, cfg)
+    layers = dict(peft_model.named_modules())
+    with torch.no_grad():
+        for name, (A, B) in adapters.items():
+            layer = layers[f"base_model.model.{name}"]
+            layer.lora_A["default"].weight.copy_(A)
+            layer.lora_B["default"].weight.copy_(B)
+    peft_model.save_pretrained(adapter_dir)
+    report.outputs.update({"residual": str(residual_dir), "adapter": str(adapter_dir)})
+    return peft_model
+
+
+def save_nf4_residual(targets: dict[str, nn.Module], path: Path) -> Path:
+    """QCorDA: every target's residual in bitsandbytes NF4 (packed bytes + QuantState) as safetensors."""
+    from safetensors.torch import save_file
+
+    from .nf4 import nf4_quantize  # noqa: PLC0415
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in targets.items():
+        packed, state = nf4_quantize(module.weight.detach(), blocksize=64, compress_statistics=False)
+        tensors[f"{name}.weight"] = packed
+        for key, value in state.as_dict(packed=True).items():
+            tensors[f"{name}.weight.{key}"] = value
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(report: Report, out: Path) -> Path:
+    path = out / "report.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(report), indent=2, default=str))
+    os.replace(tmp, path)
+    return path
