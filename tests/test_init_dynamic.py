@@ -1,0 +1,89 @@
+"""``corda-kernels init --dynamic`` end to end on a tiny LLaMA with an offline word-level tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = [f"w{i}" for i in range(90)]
+
+
+def _tiny_model_dir(root: Path, seed: int) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    path = root / "tiny"
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_init_dynamic_tiny(mode: str, tmp_path: Path, gen: torch.Generator) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from corda_kernels.init_job import InitOptions, run_init
+
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    model_dir = _tiny_model_dir(tmp_path, seed)
+    text = " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (600,), generator=gen))
+    (tmp_path / "text.txt").write_text(text)
+    opts = InitOptions(
+        model=str(model_dir),
+        data=str(tmp_path / "text.txt"),
+        mode=mode,
+        rank=4,
+        alpha=8.0,
+        samples=9,
+        seq_len=24,
+        batch_size=3,
+        dynamic=True,
+        rounds=3,
+        out=str(tmp_path / "out"),
+        progress=False,
+        verify_tokens=24,
+    )
+    report = run_init(opts)
+    assert report.verify["logits_rel_err"] < 1e-5
+    extra = report.extra["corda++"]
+    widths = [sum(r["shape"]) for r in extra["layers"]]
+    assert abs(extra["used_params"] - extra["budget_params"]) < max(widths)
+    assert extra["rounds"] == 3 and {r["candidate"] for r in extra["layers"]} <= {0, 1, 2}
+    ranks = {r["name"]: r["rank"] for r in extra["layers"]}
+    assert len(set(ranks.values())) > 1  # the allocation is not uniform on random layers
+    # the adapter directory loads onto the residual model and reproduces the original logits
+    original = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    residual = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "residual").eval()
+    loaded = PeftModel.from_pretrained(residual, tmp_path / "out" / "adapter").eval()
+    ids = torch.randint(1, len(WORDS) + 1, (2, 20), generator=gen)
+    with torch.no_grad():
+        ref = original(ids).logits
+        got = loaded(ids).logits
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+    cfg = loaded.peft_config["default"]
+    for name, r in ranks.items():
+        lora = [m for n, m in loaded.named_modules() if n.endswith(name) and hasattr(m, "lora_A")]
+        if r == 0:
+            assert not lora  # no adapter on rank-0 layers
+        else:
+            assert lora and lora[0].r["default"] == r
+            assert lora[0].scaling["default"] == pytest.approx(8.0 / 4)
+    assert set(cfg.target_modules) == {n for n, r in ranks.items() if r > 0}
