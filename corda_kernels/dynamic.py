@@ -27,6 +27,12 @@ Decisions:
   weight stays ``W`` (IPM: its whole CO-SVD sits in the residual; KPM: nothing filtered).
 * K = 1 (or ``select=False``): the only candidate is the all-rounds covariance, the very
   matrix plain CorDA uses, so with ``allocate=False`` the plan gives CorDA's adapters exactly.
+* Memory: K candidates cost ``K·n²·4`` bytes per distinct layer input (the all-rounds
+  covariance is their sum, no extra buffer): SmolLM2-135M (4 inputs per block, 30 blocks),
+  K = 5: ≈2.0 GB; a 7B LLaMA (n = 4096 ×3, 11008 per block, 32 blocks), K = 5: ≈110 GB, so
+  there pass ``CovarianceCollector(..., device="cpu")`` to keep them off the accelerator
+  (each batch is accumulated on the activations' device and added in), or lower K. The plan
+  itself keeps only the chosen candidates (≤ K per input, usually fewer).
 * ``log π`` is assumed positive (``π > 1``), true for any realistic covariance (``λ_min`` is the
   damping floor, ``λ_max`` its ``≥ 1/damp`` multiple); it is not clamped, so a layer with
   ``π < 1`` would score negative and be filtered first, which is what "compact" means.
@@ -167,7 +173,7 @@ class DynamicPlan:
     when ``select`` is off or K = 1). ``ranks[name]``: every layer's rank (0 allowed);
     ``rank_pattern`` / ``alpha_pattern`` hold only layers with rank > 0 (PEFT module names).
     ``rows``: one dict per layer for ``report.json``. ``timings``: seconds per stage.
-    Use :meth:`c_fix` for a layer's damped covariance ``(n, n)`` float32.
+    :meth:`c_fix` / :meth:`covariance`: a layer's chosen damped / raw covariance ``(n, n)`` float32.
     """
 
     corda_method: str
