@@ -126,8 +126,7 @@ def calibrate(
     with collector.attached(), torch.no_grad():  # accumulators must stay normal tensors
         for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not opts.progress):
             collector.set_batch(torch.ones(batch.shape, dtype=torch.bool))
-            runner(input_ids=batch)
-            collector.check_finite()
+            runner(input_ids=batch, use_cache=False)
     return collector
 
 
