@@ -131,9 +131,7 @@ def _nblocks(n: int, blocksize: int) -> int:
 
 def _fake_quant(A, blocksize, bnb_cuda):  # noqa: ANN001, ANN202
     n = A.numel()
-    return A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), A.new_empty(
-        _nblocks(n, blocksize), dtype=torch.float32
-    )
+    return A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), A.new_empty(_nblocks(n, blocksize), dtype=torch.float32)
 
 
 define_op("nf4_quantize", "(Tensor A, int blocksize, bool bnb_cuda) -> (Tensor, Tensor)", _fake_quant)
@@ -231,7 +229,7 @@ def _nf4_quantize_torch(A: torch.Tensor, blocksize: int, bnb_cuda: bool) -> tupl
     q = _nf4_codes(scaled)
     if bnb_cuda and x.numel() % 2:
         # CUDA loads the pad element as 0 and scales it by the last block's 1/absmax.
-        pad = (x.new_zeros(1) * (1.0 / absmax[-1:]))
+        pad = x.new_zeros(1) * (1.0 / absmax[-1:])
         q = torch.cat([q, _nf4_codes(pad)])
     return _pack(q), absmax
 
@@ -333,9 +331,7 @@ def _quant_state(absmax: torch.Tensor, W: torch.Tensor, shape: torch.Size, block
 
     code = nf4_code(absmax.device).clone()
     if not compress:
-        return QuantState(
-            absmax=absmax, shape=shape, code=code, blocksize=blocksize, quant_type="nf4", dtype=W.dtype
-        )
+        return QuantState(absmax=absmax, shape=shape, code=code, blocksize=blocksize, quant_type="nf4", dtype=W.dtype)
     offset = absmax.mean()
     codes, absmax2 = torch.ops.corda_kernels.blockwise8_quantize(
         absmax - offset, NESTED_BLOCKSIZE, absmax.device.type == "cuda"

@@ -31,8 +31,10 @@ def _rand(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype) -> t
 def _odd_shape(gen: torch.Generator, blocksize: int) -> tuple[int, int]:
     """A 2-D shape with an odd element count spanning a few blocks plus a partial one."""
     rows = int(torch.randint(1, 6, (1,), generator=gen)) * 2 + 1
-    target = blocksize * int(torch.randint(2, 5, (1,), generator=gen)) + 1 + int(
-        torch.randint(0, blocksize - 1, (1,), generator=gen)
+    target = (
+        blocksize * int(torch.randint(2, 5, (1,), generator=gen))
+        + 1
+        + int(torch.randint(0, blocksize - 1, (1,), generator=gen))
     )
     cols = max(1, target // rows) | 1
     return rows, cols
@@ -171,8 +173,9 @@ def test_loads_into_linear4bit(gen: torch.Generator, compress: bool, dtype: torc
     m, n, bs = 48, 128, 64
     W = _rand(gen, (m, n), dtype)
     ref = bnb.nn.Linear4bit(n, m, bias=False, compute_dtype=dtype, compress_statistics=compress, quant_type="nf4")
-    ref.weight = bnb.nn.Params4bit(W.clone(), requires_grad=False, blocksize=bs, compress_statistics=compress,
-                                   quant_type="nf4")
+    ref.weight = bnb.nn.Params4bit(
+        W.clone(), requires_grad=False, blocksize=bs, compress_statistics=compress, quant_type="nf4"
+    )
     ref = ref.to("cpu")  # bitsandbytes quantizes on this move
 
     packed, state = ck.nf4_quantize(W, blocksize=bs, compress_statistics=compress)
@@ -241,7 +244,7 @@ def test_cuda_arith_against_float64_nearest(gen: torch.Generator) -> None:
     packed, absmax = torch.ops.corda_kernels.nf4_quantize(x, 64, True)
     q = _unpack(packed, n)
     block = torch.arange(n) // 64
-    ref_absmax = torch.stack([x[i * 64:(i + 1) * 64].abs().max() for i in range(math.ceil(n / 64))])
+    ref_absmax = torch.stack([x[i * 64 : (i + 1) * 64].abs().max() for i in range(math.ceil(n / 64))])
     assert torch.equal(absmax, ref_absmax)
     scaled = x * (1.0 / absmax)[block]  # the fp32 product bitsandbytes' CUDA kernel forms
     levels = torch.tensor(NF4_LEVELS, dtype=torch.float64)
@@ -326,10 +329,11 @@ def test_residual_torch_path(gen: torch.Generator, dtype: torch.dtype) -> None:
     A = torch.randn(r, n, generator=gen)
     s = 0.37
     packed, state = ck.nf4_quantize_residual(W, B, A, s, blocksize=64, compress_statistics=True)
-    R = (W.double() - s * B.double() @ A.double())
+    R = W.double() - s * B.double() @ A.double()
     R_cast = R.to(dtype)
-    ref_p, ref_s = F.quantize_4bit(ck.nf4.residual(W, B, A, s), blocksize=64, quant_type="nf4",
-                                   compress_statistics=True)
+    ref_p, ref_s = F.quantize_4bit(
+        ck.nf4.residual(W, B, A, s), blocksize=64, quant_type="nf4", compress_statistics=True
+    )
     assert torch.equal(packed, ref_p)
     _assert_same_state(state, ref_s)
     # the fp32 residual agrees with float64 to rounding (before the cast to W's dtype)
