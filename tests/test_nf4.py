@@ -22,6 +22,15 @@ from tests.conftest import rel_err
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@pytest.fixture(autouse=True)
+def _eager_bitsandbytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bitsandbytes wraps its dequantize in torch.compile (seconds per new shape): run it eagerly."""
+    from bitsandbytes.backends.default import ops as bnb_default
+
+    compiled = bnb_default._dequantize_4bit_compute
+    monkeypatch.setattr(bnb_default, "_dequantize_4bit_compute", getattr(compiled, "__wrapped__", compiled))
+
+
 def _rand(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Random weights with a spread of block scales (so absmax varies from block to block)."""
     x = torch.randn(shape, generator=gen) * torch.exp(torch.randn(shape, generator=gen))

@@ -65,8 +65,20 @@ def _round_to(x, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _quantize_tile(x, valid, blk, blk_ok, n, bounds_ptr, out_ptr, absmax_ptr,
-                   NB: tl.constexpr, BLOCKSIZE: tl.constexpr, BNB_CUDA: tl.constexpr, APPROX_RCP: tl.constexpr):
+def _quantize_tile(
+    x,
+    valid,
+    blk,
+    blk_ok,
+    n,
+    bounds_ptr,
+    out_ptr,
+    absmax_ptr,
+    NB: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BNB_CUDA: tl.constexpr,
+    APPROX_RCP: tl.constexpr,
+):
     """Quantize an fp32 ``[NB, BLOCKSIZE]`` tile holding blocks ``blk`` (``[NB]``; stored where
     ``blk_ok``) of a flattened tensor of ``n`` elements; store the packed bytes and the absmax."""
     HALF: tl.constexpr = BLOCKSIZE // 2
@@ -99,22 +111,31 @@ def _quantize_tile(x, valid, blk, blk_ok, n, bounds_ptr, out_ptr, absmax_ptr,
 
 
 @triton.jit
-def nf4_quantize_kernel(x_ptr, bounds_ptr, out_ptr, absmax_ptr, n, nblocks,
-                        BLOCKSIZE: tl.constexpr, NB: tl.constexpr, BNB_CUDA: tl.constexpr,
-                        APPROX_RCP: tl.constexpr):
+def nf4_quantize_kernel(
+    x_ptr,
+    bounds_ptr,
+    out_ptr,
+    absmax_ptr,
+    n,
+    nblocks,
+    BLOCKSIZE: tl.constexpr,
+    NB: tl.constexpr,
+    BNB_CUDA: tl.constexpr,
+    APPROX_RCP: tl.constexpr,
+):
     """NF4 quantize + pack of a flat contiguous ``x`` (fp32/fp16/bf16, ``n`` elements)."""
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * NB + tl.arange(0, NB)
     offs = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     valid = offs < n
     x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    _quantize_tile(x, valid, blk, blk < nblocks, n, bounds_ptr, out_ptr, absmax_ptr, NB, BLOCKSIZE, BNB_CUDA,
-                   APPROX_RCP)
+    _quantize_tile(
+        x, valid, blk, blk < nblocks, n, bounds_ptr, out_ptr, absmax_ptr, NB, BLOCKSIZE, BNB_CUDA, APPROX_RCP
+    )
 
 
 @triton.jit
-def nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n,
-                          BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+def nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
     """``out[2j], out[2j+1] = code[byte_j >> 4], code[byte_j & 15]`` times the block's absmax."""
     pid = tl.program_id(0).to(tl.int64)
     j = pid * TILE + tl.arange(0, TILE)
@@ -129,9 +150,19 @@ def nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n,
 
 
 @triton.jit
-def blockwise8_quantize_kernel(x_ptr, code_ptr, lut_ptr, out_ptr, absmax_ptr, n, nblocks,
-                               BLOCKSIZE: tl.constexpr, NB: tl.constexpr, BNB_CUDA: tl.constexpr,
-                               APPROX_RCP: tl.constexpr):
+def blockwise8_quantize_kernel(
+    x_ptr,
+    code_ptr,
+    lut_ptr,
+    out_ptr,
+    absmax_ptr,
+    n,
+    nblocks,
+    BLOCKSIZE: tl.constexpr,
+    NB: tl.constexpr,
+    BNB_CUDA: tl.constexpr,
+    APPROX_RCP: tl.constexpr,
+):
     """bitsandbytes' 8-bit blockwise quantization with the dynamic map (the nested NF4 statistics).
 
     CUDA arithmetic: the 7-step binary search of ``dQuantize<0>``; CPU arithmetic: the 65536-bin
@@ -181,12 +212,32 @@ def blockwise8_quantize_kernel(x_ptr, code_ptr, lut_ptr, out_ptr, absmax_ptr, n,
 
 
 @triton.jit
-def nf4_residual_tiled_kernel(w_ptr, b_ptr, a_ptr, bounds_ptr, out_ptr, absmax_ptr,
-                              M, N, R, scaling,
-                              stride_wm, stride_wn, stride_bm, stride_br, stride_ar, stride_an,
-                              BLOCKSIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
-                              ROUND: tl.constexpr, DOT_LOWP: tl.constexpr, BNB_CUDA: tl.constexpr,
-                              APPROX_RCP: tl.constexpr):
+def nf4_residual_tiled_kernel(
+    w_ptr,
+    b_ptr,
+    a_ptr,
+    bounds_ptr,
+    out_ptr,
+    absmax_ptr,
+    M,
+    N,
+    R,
+    scaling,
+    stride_wm,
+    stride_wn,
+    stride_bm,
+    stride_br,
+    stride_ar,
+    stride_an,
+    BLOCKSIZE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    RP: tl.constexpr,
+    ROUND: tl.constexpr,
+    DOT_LOWP: tl.constexpr,
+    BNB_CUDA: tl.constexpr,
+    APPROX_RCP: tl.constexpr,
+):
     """Fused ``NF4(W − s·B·A)`` for ``N % BLOCKSIZE == 0`` (every quantization block inside one row).
 
     A program forms the ``[BM, BN]`` residual tile with one ``tl.dot`` (``B`` tile ``[BM, RP]``,
@@ -200,17 +251,20 @@ def nf4_residual_tiled_kernel(w_ptr, b_ptr, a_ptr, bounds_ptr, out_ptr, absmax_p
     rk = tl.arange(0, RP)
     mm = rm < M
     mn = rn < N
-    bt = tl.load(b_ptr + rm[:, None] * stride_bm + rk[None, :] * stride_br,
-                 mask=mm[:, None] & (rk[None, :] < R), other=0.0)
-    at = tl.load(a_ptr + rk[:, None] * stride_ar + rn[None, :] * stride_an,
-                 mask=(rk[:, None] < R) & mn[None, :], other=0.0)
+    bt = tl.load(
+        b_ptr + rm[:, None] * stride_bm + rk[None, :] * stride_br, mask=mm[:, None] & (rk[None, :] < R), other=0.0
+    )
+    at = tl.load(
+        a_ptr + rk[:, None] * stride_ar + rn[None, :] * stride_an, mask=(rk[:, None] < R) & mn[None, :], other=0.0
+    )
     if DOT_LOWP:
         acc = tl.dot(bt, at, out_dtype=tl.float32)
     else:
         acc = tl.dot(bt.to(tl.float32), at.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
     wmask = mm[:, None] & mn[None, :]
-    w = tl.load(w_ptr + rm[:, None].to(tl.int64) * stride_wm + rn[None, :] * stride_wn,
-                mask=wmask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + rm[:, None].to(tl.int64) * stride_wm + rn[None, :] * stride_wn, mask=wmask, other=0.0).to(
+        tl.float32
+    )
     res = _round_to(w - scaling * acc, ROUND)
     # [BM, BN] → [BM·BN/BLOCKSIZE, BLOCKSIZE]: row-major blocks of the flattened weight
     NBT: tl.constexpr = BM * (BN // BLOCKSIZE)
@@ -223,16 +277,36 @@ def nf4_residual_tiled_kernel(w_ptr, b_ptr, a_ptr, bounds_ptr, out_ptr, absmax_p
     ok_blk = (row < M) & (pid_n * BN + (t % per_row) * BLOCKSIZE < N)
     n_total = M.to(tl.int64) * N
     # blocks past W's last row or column would alias the next row's blocks: not stored
-    _quantize_tile(x, valid, blk, ok_blk, n_total, bounds_ptr, out_ptr, absmax_ptr,
-                   NBT, BLOCKSIZE, BNB_CUDA, APPROX_RCP)
+    _quantize_tile(
+        x, valid, blk, ok_blk, n_total, bounds_ptr, out_ptr, absmax_ptr, NBT, BLOCKSIZE, BNB_CUDA, APPROX_RCP
+    )
 
 
 @triton.jit
-def nf4_residual_flat_kernel(w_ptr, b_ptr, a_ptr, bounds_ptr, out_ptr, absmax_ptr,
-                             n, nblocks, N, R, scaling,
-                             stride_wm, stride_wn, stride_bm, stride_br, stride_ar, stride_an,
-                             BLOCKSIZE: tl.constexpr, NB: tl.constexpr, ROUND: tl.constexpr,
-                             BNB_CUDA: tl.constexpr, APPROX_RCP: tl.constexpr):
+def nf4_residual_flat_kernel(
+    w_ptr,
+    b_ptr,
+    a_ptr,
+    bounds_ptr,
+    out_ptr,
+    absmax_ptr,
+    n,
+    nblocks,
+    N,
+    R,
+    scaling,
+    stride_wm,
+    stride_wn,
+    stride_bm,
+    stride_br,
+    stride_ar,
+    stride_an,
+    BLOCKSIZE: tl.constexpr,
+    NB: tl.constexpr,
+    ROUND: tl.constexpr,
+    BNB_CUDA: tl.constexpr,
+    APPROX_RCP: tl.constexpr,
+):
     """Fused ``NF4(W − s·B·A)`` for any shape: blocks of the flattened weight, rows gathered.
 
     Each element ``f`` is ``(f // N, f % N)``; the rank-``R`` product is accumulated term by term
@@ -251,8 +325,9 @@ def nf4_residual_flat_kernel(w_ptr, b_ptr, a_ptr, bounds_ptr, out_ptr, absmax_pt
         acc += bv * av
     w = tl.load(w_ptr + row * stride_wm + col * stride_wn, mask=valid, other=0.0).to(tl.float32)
     x = _round_to(w - scaling * acc, ROUND)
-    _quantize_tile(x, valid, blk, blk < nblocks, n, bounds_ptr, out_ptr, absmax_ptr, NB, BLOCKSIZE, BNB_CUDA,
-                   APPROX_RCP)
+    _quantize_tile(
+        x, valid, blk, blk < nblocks, n, bounds_ptr, out_ptr, absmax_ptr, NB, BLOCKSIZE, BNB_CUDA, APPROX_RCP
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -284,8 +359,16 @@ def _nf4_quantize_triton(A: torch.Tensor, blocksize: int, bnb_cuda: bool) -> tup
     nb = _blocks_per_program(blocksize, nblocks)
     grid = (triton.cdiv(nblocks, nb),)
     nf4_quantize_kernel[grid](
-        x, _nf4.nf4_bounds(x.device), packed, absmax, n, nblocks,
-        BLOCKSIZE=blocksize, NB=nb, BNB_CUDA=bnb_cuda, APPROX_RCP=bnb_cuda and _approx_rcp(x),
+        x,
+        _nf4.nf4_bounds(x.device),
+        packed,
+        absmax,
+        n,
+        nblocks,
+        BLOCKSIZE=blocksize,
+        NB=nb,
+        BNB_CUDA=bnb_cuda,
+        APPROX_RCP=bnb_cuda and _approx_rcp(x),
     )
     return packed, absmax
 
@@ -317,8 +400,17 @@ def _blockwise8_quantize_triton(A: torch.Tensor, blocksize: int, bnb_cuda: bool)
     nb = _blocks_per_program(blocksize, nblocks)
     lut = _nf4._dynamic_lut(x.device).to(torch.int32) if not bnb_cuda else out  # unused pointer in CUDA mode
     blockwise8_quantize_kernel[(triton.cdiv(nblocks, nb),)](
-        x, _nf4.dynamic_map(x.device), lut, out, absmax, n, nblocks,
-        BLOCKSIZE=blocksize, NB=nb, BNB_CUDA=bnb_cuda, APPROX_RCP=bnb_cuda and _approx_rcp(x),
+        x,
+        _nf4.dynamic_map(x.device),
+        lut,
+        out,
+        absmax,
+        n,
+        nblocks,
+        BLOCKSIZE=blocksize,
+        NB=nb,
+        BNB_CUDA=bnb_cuda,
+        APPROX_RCP=bnb_cuda and _approx_rcp(x),
     )
     return out, absmax
 
@@ -355,24 +447,59 @@ def _nf4_quantize_residual_triton(
     tiles = _residual_tiles(blocksize, M, N, R)
     if tiles is not None:
         bm, bn, rp = tiles
-        lowp = (
-            not triton_interpreted()
-            and B.dtype == A.dtype
-            and B.dtype in (torch.float16, torch.bfloat16)
-        )
+        lowp = not triton_interpreted() and B.dtype == A.dtype and B.dtype in (torch.float16, torch.bfloat16)
         grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
         nf4_residual_tiled_kernel[grid](
-            W, B, A, bounds, packed, absmax, M, N, R, float(scaling),
-            W.stride(0), W.stride(1), B.stride(0), B.stride(1), A.stride(0), A.stride(1),
-            BLOCKSIZE=blocksize, BM=bm, BN=bn, RP=rp, ROUND=_ROUND[W.dtype], DOT_LOWP=lowp,
-            BNB_CUDA=bnb_cuda, APPROX_RCP=approx,
+            W,
+            B,
+            A,
+            bounds,
+            packed,
+            absmax,
+            M,
+            N,
+            R,
+            float(scaling),
+            W.stride(0),
+            W.stride(1),
+            B.stride(0),
+            B.stride(1),
+            A.stride(0),
+            A.stride(1),
+            BLOCKSIZE=blocksize,
+            BM=bm,
+            BN=bn,
+            RP=rp,
+            ROUND=_ROUND[W.dtype],
+            DOT_LOWP=lowp,
+            BNB_CUDA=bnb_cuda,
+            APPROX_RCP=approx,
         )
     else:
         nb = _blocks_per_program(blocksize, nblocks)
         nf4_residual_flat_kernel[(triton.cdiv(nblocks, nb),)](
-            W, B, A, bounds, packed, absmax, n, nblocks, N, R, float(scaling),
-            W.stride(0), W.stride(1), B.stride(0), B.stride(1), A.stride(0), A.stride(1),
-            BLOCKSIZE=blocksize, NB=nb, ROUND=_ROUND[W.dtype], BNB_CUDA=bnb_cuda, APPROX_RCP=approx,
+            W,
+            B,
+            A,
+            bounds,
+            packed,
+            absmax,
+            n,
+            nblocks,
+            N,
+            R,
+            float(scaling),
+            W.stride(0),
+            W.stride(1),
+            B.stride(0),
+            B.stride(1),
+            A.stride(0),
+            A.stride(1),
+            BLOCKSIZE=blocksize,
+            NB=nb,
+            ROUND=_ROUND[W.dtype],
+            BNB_CUDA=bnb_cuda,
+            APPROX_RCP=approx,
         )
     return packed, absmax
 
@@ -392,69 +519,176 @@ def compile_specs() -> list[dict]:
     specs: list[dict] = []
     for dt in ("fp32", "bf16", "fp16"):
         for bs in (64, 4096):
-            specs.append({
-                "name": f"nf4_quantize_{dt}_bs{bs}",
-                "fn": nf4_quantize_kernel,
-                "signature": {"x_ptr": f"*{dt}", "bounds_ptr": "*fp32", "out_ptr": "*u8", "absmax_ptr": "*fp32",
-                              "n": "i64", "nblocks": "i64", "BLOCKSIZE": "constexpr", "NB": "constexpr",
-                              "BNB_CUDA": "constexpr", "APPROX_RCP": "constexpr"},
-                "constexprs": {"BLOCKSIZE": bs, "NB": max(1, _TILE_ELEMS_GPU // bs), "BNB_CUDA": True,
-                               "APPROX_RCP": True},
-            })
-    specs.append({
-        "name": "nf4_quantize_cpu_arith",
-        "fn": nf4_quantize_kernel,
-        "signature": {"x_ptr": "*fp32", "bounds_ptr": "*fp32", "out_ptr": "*u8", "absmax_ptr": "*fp32",
-                      "n": "i64", "nblocks": "i64", "BLOCKSIZE": "constexpr", "NB": "constexpr",
-                      "BNB_CUDA": "constexpr", "APPROX_RCP": "constexpr"},
-        "constexprs": {"BLOCKSIZE": 64, "NB": 32, "BNB_CUDA": False, "APPROX_RCP": False},
-    })
+            specs.append(
+                {
+                    "name": f"nf4_quantize_{dt}_bs{bs}",
+                    "fn": nf4_quantize_kernel,
+                    "signature": {
+                        "x_ptr": f"*{dt}",
+                        "bounds_ptr": "*fp32",
+                        "out_ptr": "*u8",
+                        "absmax_ptr": "*fp32",
+                        "n": "i64",
+                        "nblocks": "i64",
+                        "BLOCKSIZE": "constexpr",
+                        "NB": "constexpr",
+                        "BNB_CUDA": "constexpr",
+                        "APPROX_RCP": "constexpr",
+                    },
+                    "constexprs": {
+                        "BLOCKSIZE": bs,
+                        "NB": max(1, _TILE_ELEMS_GPU // bs),
+                        "BNB_CUDA": True,
+                        "APPROX_RCP": True,
+                    },
+                }
+            )
+    specs.append(
+        {
+            "name": "nf4_quantize_cpu_arith",
+            "fn": nf4_quantize_kernel,
+            "signature": {
+                "x_ptr": "*fp32",
+                "bounds_ptr": "*fp32",
+                "out_ptr": "*u8",
+                "absmax_ptr": "*fp32",
+                "n": "i64",
+                "nblocks": "i64",
+                "BLOCKSIZE": "constexpr",
+                "NB": "constexpr",
+                "BNB_CUDA": "constexpr",
+                "APPROX_RCP": "constexpr",
+            },
+            "constexprs": {"BLOCKSIZE": 64, "NB": 32, "BNB_CUDA": False, "APPROX_RCP": False},
+        }
+    )
     for dt in ("fp32", "bf16"):
-        specs.append({
-            "name": f"nf4_dequantize_{dt}",
-            "fn": nf4_dequantize_kernel,
-            "signature": {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": f"*{dt}",
-                          "n": "i64", "BLOCKSIZE": "constexpr", "TILE": "constexpr"},
-            "constexprs": {"BLOCKSIZE": 64, "TILE": _TILE_ELEMS_GPU // 2},
-        })
+        specs.append(
+            {
+                "name": f"nf4_dequantize_{dt}",
+                "fn": nf4_dequantize_kernel,
+                "signature": {
+                    "packed_ptr": "*u8",
+                    "absmax_ptr": "*fp32",
+                    "code_ptr": "*fp32",
+                    "out_ptr": f"*{dt}",
+                    "n": "i64",
+                    "BLOCKSIZE": "constexpr",
+                    "TILE": "constexpr",
+                },
+                "constexprs": {"BLOCKSIZE": 64, "TILE": _TILE_ELEMS_GPU // 2},
+            }
+        )
     for cuda in (True, False):
-        specs.append({
-            "name": f"blockwise8_quantize_{'cuda' if cuda else 'cpu'}_arith",
-            "fn": blockwise8_quantize_kernel,
-            "signature": {"x_ptr": "*fp32", "code_ptr": "*fp32", "lut_ptr": "*i32" if not cuda else "*u8",
-                          "out_ptr": "*u8", "absmax_ptr": "*fp32", "n": "i64", "nblocks": "i64",
-                          "BLOCKSIZE": "constexpr", "NB": "constexpr", "BNB_CUDA": "constexpr",
-                          "APPROX_RCP": "constexpr"},
-            "constexprs": {"BLOCKSIZE": 256, "NB": 8, "BNB_CUDA": cuda, "APPROX_RCP": cuda},
-        })
-    res_sig = {"w_ptr": "*bf16", "b_ptr": "*bf16", "a_ptr": "*bf16", "bounds_ptr": "*fp32", "out_ptr": "*u8",
-               "absmax_ptr": "*fp32", "M": "i32", "N": "i32", "R": "i32", "scaling": "fp32",
-               "stride_wm": "i32", "stride_wn": "i32", "stride_bm": "i32", "stride_br": "i32",
-               "stride_ar": "i32", "stride_an": "i32", "BLOCKSIZE": "constexpr", "BM": "constexpr",
-               "BN": "constexpr", "RP": "constexpr", "ROUND": "constexpr", "DOT_LOWP": "constexpr",
-               "BNB_CUDA": "constexpr", "APPROX_RCP": "constexpr"}
-    specs.append({
-        "name": "nf4_residual_tiled_bf16",
-        "fn": nf4_residual_tiled_kernel,
-        "signature": res_sig,
-        "constexprs": {"BLOCKSIZE": 64, "BM": 32, "BN": 64, "RP": 64, "ROUND": 2, "DOT_LOWP": True,
-                       "BNB_CUDA": True, "APPROX_RCP": True},
-    })
-    specs.append({
-        "name": "nf4_residual_tiled_fp32",
-        "fn": nf4_residual_tiled_kernel,
-        "signature": {**res_sig, "w_ptr": "*fp32", "b_ptr": "*fp32", "a_ptr": "*fp32"},
-        "constexprs": {"BLOCKSIZE": 64, "BM": 32, "BN": 64, "RP": 64, "ROUND": 0, "DOT_LOWP": False,
-                       "BNB_CUDA": True, "APPROX_RCP": True},
-    })
-    specs.append({
-        "name": "nf4_residual_flat_fp16",
-        "fn": nf4_residual_flat_kernel,
-        "signature": {"w_ptr": "*fp16", "b_ptr": "*fp32", "a_ptr": "*fp32", "bounds_ptr": "*fp32",
-                      "out_ptr": "*u8", "absmax_ptr": "*fp32", "n": "i64", "nblocks": "i64", "N": "i64",
-                      "R": "i32", "scaling": "fp32", "stride_wm": "i64", "stride_wn": "i64", "stride_bm": "i64",
-                      "stride_br": "i64", "stride_ar": "i64", "stride_an": "i64", "BLOCKSIZE": "constexpr",
-                      "NB": "constexpr", "ROUND": "constexpr", "BNB_CUDA": "constexpr", "APPROX_RCP": "constexpr"},
-        "constexprs": {"BLOCKSIZE": 128, "NB": 16, "ROUND": 1, "BNB_CUDA": True, "APPROX_RCP": True},
-    })
+        specs.append(
+            {
+                "name": f"blockwise8_quantize_{'cuda' if cuda else 'cpu'}_arith",
+                "fn": blockwise8_quantize_kernel,
+                "signature": {
+                    "x_ptr": "*fp32",
+                    "code_ptr": "*fp32",
+                    "lut_ptr": "*i32" if not cuda else "*u8",
+                    "out_ptr": "*u8",
+                    "absmax_ptr": "*fp32",
+                    "n": "i64",
+                    "nblocks": "i64",
+                    "BLOCKSIZE": "constexpr",
+                    "NB": "constexpr",
+                    "BNB_CUDA": "constexpr",
+                    "APPROX_RCP": "constexpr",
+                },
+                "constexprs": {"BLOCKSIZE": 256, "NB": 8, "BNB_CUDA": cuda, "APPROX_RCP": cuda},
+            }
+        )
+    res_sig = {
+        "w_ptr": "*bf16",
+        "b_ptr": "*bf16",
+        "a_ptr": "*bf16",
+        "bounds_ptr": "*fp32",
+        "out_ptr": "*u8",
+        "absmax_ptr": "*fp32",
+        "M": "i32",
+        "N": "i32",
+        "R": "i32",
+        "scaling": "fp32",
+        "stride_wm": "i32",
+        "stride_wn": "i32",
+        "stride_bm": "i32",
+        "stride_br": "i32",
+        "stride_ar": "i32",
+        "stride_an": "i32",
+        "BLOCKSIZE": "constexpr",
+        "BM": "constexpr",
+        "BN": "constexpr",
+        "RP": "constexpr",
+        "ROUND": "constexpr",
+        "DOT_LOWP": "constexpr",
+        "BNB_CUDA": "constexpr",
+        "APPROX_RCP": "constexpr",
+    }
+    specs.append(
+        {
+            "name": "nf4_residual_tiled_bf16",
+            "fn": nf4_residual_tiled_kernel,
+            "signature": res_sig,
+            "constexprs": {
+                "BLOCKSIZE": 64,
+                "BM": 32,
+                "BN": 64,
+                "RP": 64,
+                "ROUND": 2,
+                "DOT_LOWP": True,
+                "BNB_CUDA": True,
+                "APPROX_RCP": True,
+            },
+        }
+    )
+    specs.append(
+        {
+            "name": "nf4_residual_tiled_fp32",
+            "fn": nf4_residual_tiled_kernel,
+            "signature": {**res_sig, "w_ptr": "*fp32", "b_ptr": "*fp32", "a_ptr": "*fp32"},
+            "constexprs": {
+                "BLOCKSIZE": 64,
+                "BM": 32,
+                "BN": 64,
+                "RP": 64,
+                "ROUND": 0,
+                "DOT_LOWP": False,
+                "BNB_CUDA": True,
+                "APPROX_RCP": True,
+            },
+        }
+    )
+    specs.append(
+        {
+            "name": "nf4_residual_flat_fp16",
+            "fn": nf4_residual_flat_kernel,
+            "signature": {
+                "w_ptr": "*fp16",
+                "b_ptr": "*fp32",
+                "a_ptr": "*fp32",
+                "bounds_ptr": "*fp32",
+                "out_ptr": "*u8",
+                "absmax_ptr": "*fp32",
+                "n": "i64",
+                "nblocks": "i64",
+                "N": "i64",
+                "R": "i32",
+                "scaling": "fp32",
+                "stride_wm": "i64",
+                "stride_wn": "i64",
+                "stride_bm": "i64",
+                "stride_br": "i64",
+                "stride_ar": "i64",
+                "stride_an": "i64",
+                "BLOCKSIZE": "constexpr",
+                "NB": "constexpr",
+                "ROUND": "constexpr",
+                "BNB_CUDA": "constexpr",
+                "APPROX_RCP": "constexpr",
+            },
+            "constexprs": {"BLOCKSIZE": 128, "NB": 16, "ROUND": 1, "BNB_CUDA": True, "APPROX_RCP": True},
+        }
+    )
     return specs
