@@ -204,14 +204,15 @@ def _scale_blocks(x: torch.Tensor, blocksize: int, bnb_cuda: bool) -> tuple[torc
     return scaled, absmax
 
 
-def _nf4_codes(scaled: torch.Tensor) -> torch.Tensor:
-    """int64 NF4 code per value: the number of midpoints strictly below it (ties → lower code).
+def _nf4_codes(scaled: torch.Tensor, may_be_nan: bool = False) -> torch.Tensor:
+    """int32 NF4 code per value: the number of midpoints strictly below it (ties → lower code).
 
     NaN (an all-zero block under CUDA arithmetic) compares false everywhere: code 0, as in CUDA.
     """
-    bounds = nf4_bounds(scaled.device)
-    q = torch.bucketize(scaled, bounds, right=False)
-    return torch.where(torch.isnan(scaled), torch.zeros_like(q), q)
+    q = torch.bucketize(scaled, nf4_bounds(scaled.device), right=False, out_int32=True)
+    if may_be_nan:
+        q = torch.where(torch.isnan(scaled), torch.zeros_like(q), q)
+    return q
 
 
 def _pack(q: torch.Tensor) -> torch.Tensor:
@@ -219,19 +220,32 @@ def _pack(q: torch.Tensor) -> torch.Tensor:
     q8 = q.to(torch.uint8)
     if q8.numel() % 2:
         q8 = torch.cat([q8, q8.new_full((1,), 7)])
-    return ((q8[0::2] << 4) | q8[1::2]).unsqueeze(1)
+    pairs = q8.view(-1, 2)
+    return ((pairs[:, 0] << 4) | pairs[:, 1]).unsqueeze(1)
 
 
 @register_impl("nf4_quantize", "torch")
 def _nf4_quantize_torch(A: torch.Tensor, blocksize: int, bnb_cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = A.reshape(-1).float()
     scaled, absmax = _scale_blocks(x, blocksize, bnb_cuda)
-    q = _nf4_codes(scaled)
+    # only CUDA arithmetic turns an all-zero block into NaNs (0·(1/0)); finite input otherwise
+    zero_block = bnb_cuda and bool((absmax == 0).any())
+    q = _nf4_codes(scaled, zero_block)
     if bnb_cuda and x.numel() % 2:
         # CUDA loads the pad element as 0 and scales it by the last block's 1/absmax.
         pad = x.new_zeros(1) * (1.0 / absmax[-1:])
-        q = torch.cat([q, _nf4_codes(pad)])
+        q = torch.cat([q, _nf4_codes(pad, True)])
     return _pack(q), absmax
+
+
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """fp32 ``(256, 2)``: byte → (level of its high nibble, level of its low nibble)."""
+
+    def build() -> torch.Tensor:
+        code = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+        return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous()
+
+    return _cached("nf4_pairs", device, build)
 
 
 @register_impl("nf4_dequantize", "torch")
@@ -239,11 +253,19 @@ def _nf4_dequantize_torch(
     packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int, dtype: torch.dtype
 ) -> torch.Tensor:
     p = packed.reshape(-1)
-    q = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:numel].long()
-    vals = nf4_code(p.device)[q]
-    nb = _nblocks(numel, blocksize)
-    scale = absmax.float().repeat_interleave(blocksize)[:numel] if nb > 1 else absmax.float().expand(numel)
-    return (vals * scale).to(dtype)
+    vals = _pair_table(p.device).index_select(0, p.int()).view(-1)[:numel]
+    absmax = absmax.float()
+    full = numel - numel % blocksize
+    out = torch.empty(numel, dtype=torch.float32, device=p.device)
+    if full:
+        torch.mul(
+            vals[:full].view(-1, blocksize),
+            absmax[: full // blocksize].unsqueeze(1),
+            out=out[:full].view(-1, blocksize),
+        )
+    if full < numel:
+        torch.mul(vals[full:], absmax[-1], out=out[full:])
+    return out.to(dtype)
 
 
 def _binary_search_codes(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
