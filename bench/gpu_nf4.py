@@ -17,7 +17,7 @@ What it checks and times (Triton backend against bitsandbytes' CUDA kernels, in 
   (it uses an IEEE reciprocal where bitsandbytes' fast-math build uses ``rcp.approx``: a handful
   of differing codes out of millions is expected there, and only there).
 * ``nf4_dequantize``: vs ``bitsandbytes.functional.dequantize_4bit`` (``max_err`` = max abs diff).
-* ``nf4_residual``: fused ``NF4(W − s·B·A)`` vs residual-then-quantize (``torch.addmm`` in fp32,
+* ``nf4_residual``: fused ``NF4(W − s·B·A)`` vs residual-then-quantize (``W.float() − s·(B @ A)`` in fp32,
   cast to W's dtype, then bitsandbytes' ``quantize_4bit``); ``max_err`` = fraction of 4-bit codes
   that differ (summation order of the rank-r product differs: rare neighbouring codes), the note
   adds the dequantized relative error between the two. Target: ratio > 1.
@@ -153,6 +153,28 @@ def _quantize_rows(device: str) -> list[dict[str, Any]]:
                         ref,
                         float(diffs),
                         f"{status}; {frac:.0%} of copy bandwidth ({copy_gbs:.0f} GB/s measured)",
+                    )
+                )
+            if name == "fp32":
+                # diagnostic: the same kernel with an IEEE 1/absmax instead of rcp.approx.ftz (says
+                # which reciprocal bitsandbytes' build really uses; not a pass/fail row)
+                from corda_kernels.kernels import nf4_triton
+
+                nf4_triton.APPROX_RCP_ON_GPU = False
+                try:
+                    packed, _ = ck.nf4_quantize(W, blocksize=BLOCKSIZE)
+                finally:
+                    nf4_triton.APPROX_RCP_ON_GPU = True
+                ref_p, _ = F.quantize_4bit(W, blocksize=BLOCKSIZE, quant_type="nf4")
+                d = int((_codes(packed) != _codes(ref_p)).sum())
+                rows.append(
+                    row(
+                        "nf4_quantize (triton, IEEE 1/absmax)",
+                        label,
+                        None,
+                        None,
+                        float(d),
+                        f"diagnostic: {d} codes differ from bitsandbytes with an IEEE reciprocal",
                     )
                 )
             # the pure-torch path on the same tensor (IEEE reciprocal: rare neighbouring codes allowed)

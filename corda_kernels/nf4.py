@@ -321,8 +321,12 @@ def _blockwise8_dequantize_torch(codes: torch.Tensor, absmax: torch.Tensor, bloc
 
 
 def residual(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``(W − scaling·B·A)`` computed in fp32 and returned in ``W``'s dtype (DESIGN §3.4)."""
-    return torch.addmm(W.float(), B.float(), A.float(), alpha=-scaling).to(W.dtype)
+    """``(W − scaling·B·A)`` computed in fp32 and returned in ``W``'s dtype (DESIGN §3.4).
+
+    The same expression as :func:`corda_kernels.adapters.build_adapter`'s ``W_res``
+    (``(W.float() − s·(B @ A)).to(W.dtype)``), so quantizing either gives the same bytes.
+    """
+    return (W.float() - scaling * (B.float() @ A.float())).to(W.dtype)
 
 
 @register_impl("nf4_quantize_residual", "torch")

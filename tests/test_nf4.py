@@ -348,3 +348,19 @@ def test_residual_torch_path(gen: torch.Generator, dtype: torch.dtype) -> None:
     # the fp32 residual agrees with float64 to rounding (before the cast to W's dtype)
     assert rel_err(ck.nf4.residual(W.float(), B, A, s), R) < 1e-6
     assert rel_err(ck.nf4_dequantize(packed, state), R_cast) < 0.2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_residual_matches_adapter_residual(gen: torch.Generator, dtype: torch.dtype) -> None:
+    """QCorDA: NF4 of the fused residual = NF4 of ``build_adapter``'s ``W_res``, byte for byte."""
+    from corda_kernels.adapters import build_adapter
+
+    m, n, r = 40, 72, 6
+    W = _rand(gen, (m, n), dtype)
+    U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+    s = 0.5
+    A, B, W_res = build_adapter(W, U[:, :r], S[:r], Vh[:r].T, s)
+    packed, state = ck.nf4_quantize_residual(W, B, A, s, blocksize=32)
+    ref_p, ref_s = F.quantize_4bit(W_res, blocksize=32, quant_type="nf4")
+    assert torch.equal(packed, ref_p)
+    _assert_same_state(state, ref_s)

@@ -4,7 +4,7 @@ References: bitsandbytes' own CPU quantization (byte-exact), the torch backend (
 flavours) and float64 residuals. The fused residual kernel is byte-exact wherever the residual
 is summed in the same order as the reference (the flat kernel's term-by-term loop); the tiled
 kernel's ``tl.dot`` (numpy's matmul here, cuBLAS-like blocked sums on the GPU) sums the rank
-terms in another order than ``torch.addmm``, so a residual can differ by an ulp and, rarely, a
+terms in another order than ``B @ A`` in torch, so a residual can differ by an ulp and, rarely, a
 value on a code boundary or a block's absmax moves: those paths are checked by the fraction of
 differing codes and by dequantized closeness.
 """
@@ -169,7 +169,7 @@ def test_fused_residual_flat_byte_exact(gen: torch.Generator, dtype: torch.dtype
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_residual_tiled(gen: torch.Generator, dtype: torch.dtype) -> None:
-    """Tiled kernel vs residual-then-quantize (``addmm`` residual, then bitsandbytes)."""
+    """Tiled kernel vs residual-then-quantize (``(W.float() − s·(B @ A)).to(W.dtype)``, then bitsandbytes)."""
     diff_codes = total = 0
     for (m, n, r, bs), strided in (((48, 128, 8, 64), False), ((40, 192, 5, 64), True), ((33, 512, 16, 256), False)):
         W, B, A = _factors(gen, m, n, r, dtype, strided)

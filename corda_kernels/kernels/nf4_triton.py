@@ -339,8 +339,13 @@ _TILE_ELEMS_INTERP = 1 << 16
 _TILE_ELEMS_GPU = 2048
 
 
+# bitsandbytes' CUDA build (--use_fast_math) computes 1/absmax with rcp.approx.ftz; set this to
+# False to use an IEEE reciprocal on the GPU instead (bench/gpu_nf4.py measures both against bnb).
+APPROX_RCP_ON_GPU = True
+
+
 def _approx_rcp(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda" and not triton_interpreted()
+    return APPROX_RCP_ON_GPU and t.device.type == "cuda" and not triton_interpreted()
 
 
 def _blocks_per_program(blocksize: int, nblocks: int) -> int:
