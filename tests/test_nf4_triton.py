@@ -66,7 +66,8 @@ def test_quantize_byte_exact_with_bitsandbytes(
     ck.set_backend("triton")
     rows = int(torch.randint(3, 9, (1,), generator=gen)) | 1
     cols = (blocksize * 3 + int(torch.randint(1, blocksize, (1,), generator=gen))) // rows | 1
-    for W in (_rand(gen, (rows, cols), dtype), _rand(gen, (cols, rows), dtype).T):  # odd count, non-contiguous
+    # odd count (byte stores), non-contiguous, and a count divisible by 8 (32-bit word stores)
+    for W in (_rand(gen, (rows, cols), dtype), _rand(gen, (cols, rows), dtype).T, _rand(gen, (8, cols), dtype)):
         packed, state = ck.nf4_quantize(W, blocksize=blocksize, compress_statistics=compress)
         ref_p, ref_s = F.quantize_4bit(
             W.contiguous(), blocksize=blocksize, quant_type="nf4", compress_statistics=compress
@@ -86,8 +87,7 @@ def test_quantize_byte_exact_with_bitsandbytes(
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_quantize_matches_torch_flavours(gen: torch.Generator, bnb_cuda: bool, dtype: torch.dtype) -> None:
     """Both arithmetic flavours, all-zero blocks (full and partial) and an odd pad included."""
-    for blocksize in (32, 256):
-        n = blocksize * 5 + 3
+    for blocksize, n in ((32, 32 * 5 + 3), (256, 256 * 5 + 3), (64, 64 * 5 + 24)):  # the last: 32-bit words
         x = _rand(gen, (n,), dtype)
         x[blocksize : 2 * blocksize] = 0
         out, ref = _both(ops.nf4_quantize, x, blocksize, bnb_cuda)
