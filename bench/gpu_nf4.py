@@ -152,7 +152,7 @@ def _quantize_rows(device: str) -> list[dict[str, Any]]:
                         ours,
                         ref,
                         float(diffs),
-                        f"{status}; {frac:.0%} of copy bandwidth ({copy_gbs:.0f} GB/s measured)",
+                        f"{status}; {frac:.0%} of copy bandwidth ({copy_gbs:.4g} GB/s measured)",
                     )
                 )
             if name == "fp32":
