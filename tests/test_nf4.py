@@ -292,8 +292,11 @@ def test_nested_binary_search_is_nearest(gen: torch.Generator) -> None:
             assert agree == 1.0
         else:
             assert agree > 0.99
-            off = (q.long() - nearest).abs()
-            assert off.max() <= 1
+            # the table maps a bin of width 2/65535 to one code: near 0, where the dynamic map is
+            # denser than the bins, it can be several codes off, but never worse than one bin width
+            err = (code[q.long()] - scaled).abs()
+            best = (code[nearest] - scaled).abs()
+            assert bool((err <= best + 2.0 / 65535 + 1e-9).all())
         deq = torch.ops.corda_kernels.blockwise8_dequantize(q, absmax, 256)
         assert rel_err(deq, x) < 0.02
 
