@@ -14,6 +14,7 @@ from .calibration import CovarianceCollector, NonFiniteActivationError
 from .covariance import covariance_update
 from .damping import DampingError, damped_inverse
 from .decomposition import cosvd
+from .nf4 import nf4_dequantize, nf4_quantize, nf4_quantize_residual
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,9 @@ __all__ = [
     "damped_inverse",
     "get_backend",
     "lora_scaling",
+    "nf4_dequantize",
+    "nf4_quantize",
+    "nf4_quantize_residual",
     "set_backend",
 ]
 

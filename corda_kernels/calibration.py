@@ -167,7 +167,7 @@ class CovarianceCollector:
         bucket = self._batch_rounds(B, x3.device, name)
         if self.normalization == "peft":
             real = mask.any(1)
-            peak = x3.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=(1, 2)).float().abs()
+            peak = x3.amax(dim=-1).float().masked_fill(~mask, float("-inf")).amax(dim=1).abs()
             if bool((peak[real] == 0).any()):
                 raise NonFiniteActivationError(
                     f"layer {name}: a calibration sequence has max activation 0; PEFT's normalization divides by it"

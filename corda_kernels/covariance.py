@@ -32,16 +32,16 @@ define_op(
 )
 
 
-def _accumulate(C: torch.Tensor, xf: torch.Tensor, upper_only: bool) -> None:
-    """``C (+)= xfᵀ xf`` for fp32 ``xf`` ``(T, n)``; upper block-triangle only if asked."""
+def _accumulate(C: torch.Tensor, xf: torch.Tensor, upper_only: bool, alpha: float = 1.0) -> None:
+    """``C (+)= alpha·xfᵀ xf`` for fp32 ``xf`` ``(T, n)``; upper block-triangle only if asked."""
     n = xf.shape[1]
     if not upper_only or n < 2 * _MIN_BLOCK:
-        C.addmm_(xf.T, xf)
+        C.addmm_(xf.T, xf, alpha=alpha)
         return
     nb = min(_TRIANGLE_BLOCKS, n // _MIN_BLOCK)
     edges = [round(i * n / nb) for i in range(nb + 1)]
     for lo, hi in zip(edges[:-1], edges[1:]):
-        C[lo:hi, lo:].addmm_(xf[:, lo:hi].T, xf[:, lo:])
+        C[lo:hi, lo:].addmm_(xf[:, lo:hi].T, xf[:, lo:], alpha=alpha)
 
 
 @register_impl("covariance_update", "torch")
@@ -54,16 +54,24 @@ def _covariance_update_torch(
     upper_only: bool,
 ) -> None:
     B, L, n = x.shape
+    dense = mask is None or bool(mask.all())
     buckets = [None] if seq_bucket is None else torch.unique(seq_bucket).tolist()
     for k in buckets:
         target = C if k is None else C[k]
-        rows = torch.ones(B, L, dtype=torch.bool, device=x.device) if mask is None else mask.bool()
+        xs, keep = x, None if dense else mask.bool()
         if k is not None:
-            rows = rows & (seq_bucket == k).view(B, 1)
-        xf = x[rows].float()  # (T_real, n): padding rows are dropped, not multiplied by zero
+            in_k = seq_bucket == k
+            xs, keep = x[in_k], None if keep is None else keep[in_k]
+        # One GEMM over all tokens (per-sequence GEMMs run ~6x slower on the CPU); the scale
+        # √(seq_scale) rides on the one fp32 copy that the GEMM needs anyway.
+        rows = xs.reshape(-1, n) if keep is None else xs[keep]
         if seq_scale is not None:
-            w = seq_scale.float().sqrt().view(B, 1).expand(B, L)[rows]
-            xf = xf * w.unsqueeze(1)
+            scale = seq_scale if k is None else seq_scale[seq_bucket == k]
+            per_row = scale.float().sqrt().view(-1, 1).expand(-1, L)
+            per_row = per_row.reshape(-1) if keep is None else per_row[keep]
+            xf = rows * per_row.unsqueeze(1).to(rows.device)
+        else:
+            xf = rows.float()
         if xf.shape[0]:
             _accumulate(target, xf, upper_only)
 

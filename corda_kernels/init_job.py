@@ -126,8 +126,7 @@ def calibrate(
     with collector.attached(), torch.no_grad():  # accumulators must stay normal tensors
         for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not opts.progress):
             collector.set_batch(torch.ones(batch.shape, dtype=torch.bool))
-            runner(input_ids=batch)
-            collector.check_finite()
+            runner(input_ids=batch, use_cache=False)
     return collector
 
 
@@ -294,7 +293,8 @@ def save_nf4_residual(targets: dict[str, nn.Module], path: Path) -> Path:
 
     tensors: dict[str, torch.Tensor] = {}
     for name, module in targets.items():
-        packed, state = nf4_quantize(module.weight.detach(), blocksize=64, compress_statistics=False)
+        W_res = linear_weight(module).detach().contiguous()  # (out, in), as Linear4bit stores it
+        packed, state = nf4_quantize(W_res, blocksize=64, compress_statistics=False)
         tensors[f"{name}.weight"] = packed
         for key, value in state.as_dict(packed=True).items():
             tensors[f"{name}.weight.{key}"] = value

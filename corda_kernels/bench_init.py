@@ -1,0 +1,168 @@
+"""End-to-end benchmark: PEFT's ``preprocess_corda`` (batch 1) against ours (batched).
+
+Each variant runs in its own subprocess so that its peak memory (max RSS) is its own; all
+variants use the same model, tokens, rank and targets. Rows: the bare forward passes (no
+hooks, batch 1 and batched: the floor), PEFT, and ours, for ipm and kpm, with the time per
+stage (calibration forward, decomposition, adapter init) and the ratios. Run as
+``corda-kernels bench init [--samples 64 --seq-len 256 --rank 16 --modes ipm,kpm]`` or
+``python bench/bench_init.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _worker(variant: str, mode: str, samples: int, seq_len: int, rank: int, batch: int, method: str) -> dict:
+    import resource
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import CordaConfig
+
+    from corda_kernels import data
+
+    model, tok = data.load_model()
+    ids = data.token_blocks(tok, data.load_text("lee"), samples, seq_len)
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=TARGETS,
+        init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method=mode),
+    )
+    stages: dict[str, float] = {}
+
+    def forward(bs: int) -> None:
+        with torch.no_grad():
+            for chunk in torch.split(ids, bs):
+                model(chunk)
+
+    timed = {"run_model": 0.0}
+
+    def run_model_with(bs: int):  # noqa: ANN202
+        def run() -> None:
+            t0 = time.perf_counter()
+            forward(bs)
+            timed["run_model"] += time.perf_counter() - t0
+
+        return run
+
+    with torch.no_grad():  # warm-up: first-call allocations and thread start-up are not CorDA's cost
+        model(ids[:1, :16])
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    if variant.startswith("bare"):
+        forward(1 if variant == "bare-b1" else batch)
+        stages["forward"] = time.perf_counter() - t0
+    else:
+        if variant == "peft":
+            from peft.tuners.lora.corda import preprocess_corda
+
+            preprocess_corda(model, cfg, run_model=run_model_with(1))
+        else:
+            from corda_kernels.peft import preprocess_corda
+
+            preprocess_corda(model, cfg, run_model=run_model_with(batch), method=method)
+        total = time.perf_counter() - t0
+        stages["calibrate"] = timed["run_model"]
+        stages["decompose"] = total - timed["run_model"]
+        t1 = time.perf_counter()
+        get_peft_model(model, cfg)
+        stages["init"] = time.perf_counter() - t1
+    stages["total"] = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"variant": variant, "mode": mode, "stages": stages, "peak_rss_mib": peak, "rss_after_load_mib": rss0}
+
+
+def _run(variant: str, mode: str, args: argparse.Namespace) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "corda_kernels.bench_init",
+        "--worker",
+        variant,
+        "--mode",
+        mode,
+        "--samples",
+        str(args.samples),
+        "--seq-len",
+        str(args.seq_len),
+        "--rank",
+        str(args.rank),
+        "--batch",
+        str(args.batch),
+        "--method",
+        args.method,
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict]) -> str:
+    by = {(r["variant"], r["mode"]): r for r in rows}
+    lines = [
+        "| mode | variant | calibrate s | decompose s | init s | total s | peak RSS MiB "
+        "| speed-up vs PEFT | beyond bare forward |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in ("bare-b1", "bare-batched"):
+        r = by.get((key, "-"))
+        if r:
+            lines.append(
+                f"| - | {key} | {r['stages']['forward']:.1f} | - | - | {r['stages']['total']:.1f} | "
+                f"{r['peak_rss_mib']:.0f} | - | - |"
+            )
+    for mode in ("ipm", "kpm"):
+        peft = by.get(("peft", mode))
+        for variant in ("peft", "ours"):
+            r = by.get((variant, mode))
+            if not r:
+                continue
+            s = r["stages"]
+            floor = by[("bare-b1" if variant == "peft" else "bare-batched", "-")]["stages"]["forward"]
+            extra = (s["total"] - floor) / floor
+            ratio = peft["stages"]["total"] / s["total"] if peft else float("nan")
+            lines.append(
+                f"| {mode} | {variant} | {s['calibrate']:.1f} | {s['decompose']:.1f} | {s['init']:.1f} | "
+                f"{s['total']:.1f} | {r['peak_rss_mib']:.0f} | {ratio:.2f}× | {extra:.0%} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="corda-kernels bench init", description=__doc__)
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--method", default="exact", choices=["exact", "fast"])
+    p.add_argument("--modes", default="ipm,kpm")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="ipm", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        row = _worker(args.worker, args.mode, args.samples, args.seq_len, args.rank, args.batch, args.method)
+        print(json.dumps(row))
+        return 0
+    rows = [_run("bare-b1", "-", args), _run("bare-batched", "-", args)]
+    for mode in args.modes.split(","):
+        for variant in ("peft", "ours"):
+            rows.append(_run(variant, mode, args))
+            print(f"done {variant} {mode}: {rows[-1]['stages']}", file=sys.stderr, flush=True)
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

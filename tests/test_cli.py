@@ -1,0 +1,102 @@
+"""``corda-kernels init`` end to end on a tiny LLaMA saved as a local model directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from corda_kernels import data
+from corda_kernels.cache import CacheMismatchError
+from corda_kernels.cli import main
+from corda_kernels.init_job import InitOptions, run_init
+from tests.conftest import rel_err
+from tests.tiny_models import VOCAB, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:  # noqa: ANN001
+    """A tiny LLaMA and a word-level tokenizer over pydoc's most frequent words."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    words: dict[str, int] = {}
+    for w in data.pydoc_text().split():
+        words[w] = words.get(w, 0) + 1
+    vocab = {"[UNK]": 0}
+    for w, _ in sorted(words.items(), key=lambda kv: -kv[1])[: VOCAB - 1]:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]").save_pretrained(path)
+    tiny_llama(seed=3).save_pretrained(path)
+    return path
+
+
+def options(tiny_dir: Path, out: Path, **kw) -> InitOptions:  # noqa: ANN003
+    base = dict(model=str(tiny_dir), data="pydoc", samples=6, seq_len=48, rank=4, batch_size=4,
+                out=str(out), progress=False, verify_tokens=32)
+    base.update(kw)
+    return InitOptions(**base)
+
+
+@pytest.mark.parametrize("mode", ["ipm", "kpm"])
+def test_init_writes_loadable_peft_adapter(tiny_dir: Path, tmp_path: Path, mode: str) -> None:
+    from peft import PeftModel
+
+    report = run_init(options(tiny_dir, tmp_path, mode=mode, alpha=8))
+    assert report.verify["logits_rel_err"] < 1e-5
+    assert len(report.layers) == 14 and all(v["rank"] == 4 for v in report.layers.values())
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert set(saved["stages"]) >= {"load", "calibrate", "decompose", "export", "verify"}
+    assert saved["peak_rss_mib"] > 0
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    residual = AutoModelForCausalLM.from_pretrained(tmp_path / "residual")
+    w0 = original.model.layers[0].mlp.down_proj.weight
+    assert rel_err(residual.model.layers[0].mlp.down_proj.weight, w0) > 1e-4  # really the residual
+    adapted = PeftModel.from_pretrained(residual, tmp_path / "adapter")
+    ids = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        assert rel_err(adapted(ids).logits, original(ids).logits) < 1e-5
+
+
+def test_init_resumes_from_cached_covariance(tiny_dir: Path, tmp_path: Path) -> None:
+    run_init(options(tiny_dir, tmp_path))
+    stamp = (tmp_path / "covariance.pt").stat().st_mtime_ns
+    report = run_init(options(tiny_dir, tmp_path, mode="kpm"))  # same calibration: reused
+    assert (tmp_path / "covariance.pt").stat().st_mtime_ns == stamp
+    assert report.verify["logits_rel_err"] < 1e-5
+    with pytest.raises(CacheMismatchError, match="samples=6, this run has samples=5"):
+        run_init(options(tiny_dir, tmp_path, samples=5))  # another calibration: refused, never reused
+
+
+def test_init_nf4_residual(tiny_dir: Path, tmp_path: Path) -> None:
+    import bitsandbytes.functional as bnbf
+    from safetensors.torch import load_file
+
+    from corda_kernels import nf4_dequantize
+
+    report = run_init(options(tiny_dir, tmp_path, quantize="nf4"))
+    tensors = load_file(report.outputs["residual_nf4"])
+    residual = AutoModelForCausalLM.from_pretrained(tmp_path / "residual")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    state = bnbf.QuantState.from_dict(
+        {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}, device=torch.device("cpu")
+    )
+    W = dict(residual.named_parameters())[name]
+    deq = nf4_dequantize(tensors[name], state)
+    assert deq.shape == W.shape
+    assert rel_err(deq, W) < 0.15  # 4-bit: a coarse but faithful copy of the residual
+
+
+def test_cli_errors(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["init", "--model", str(tiny_dir), "--targets", "nope_proj", "--out", str(tmp_path), "--no-progress"])
+    assert code == 2 and "matched no" in capsys.readouterr().err
+    code = main(["init", "--model", str(tmp_path / "missing"), "--out", str(tmp_path), "--no-progress"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    code = main(["init", "--model", str(tiny_dir), "--rank", "500", "--out", str(tmp_path), "--no-progress",
+                 "--samples", "2", "--seq-len", "16"])
+    assert code == 2 and "rank 500" in capsys.readouterr().err
