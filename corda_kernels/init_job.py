@@ -26,8 +26,10 @@ from tqdm.auto import tqdm
 from . import cache, data
 from .adapters import build_adapter, lora_scaling
 from .calibration import CovarianceCollector, in_features, linear_weight
+from .damping import fix_covariance
 from .peft import target_modules
 from .pipeline import check_ranks, decompose_layers
+from .spectra import compactness, eig_extremes
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -239,18 +241,43 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
         report.layers[name] = item["info"]
     todo = {name: m for name, m in targets.items() if name not in done}
     last_save = time.perf_counter()
+    extremes: dict[tuple[int, float], tuple[float, float]] = {}
     for res in decompose_layers(todo, covs, ranks, opts.mode, method=opts.method, progress=opts.progress):
         module = targets[res.name]
         s = lora_scaling(alphas[res.name], ranks[res.name], opts.rslora)
         A, B, W_res = build_adapter(linear_weight(module).detach(), res.U, res.S, res.V, s)
         _set_residual(module, W_res)
         adapters[res.name] = (A, B)
-        report.layers[res.name] = {**res.info, "alpha": alphas[res.name], "scaling": s}
+        report.layers[res.name] = {
+            **res.info,
+            "alpha": alphas[res.name],
+            "scaling": s,
+            **_compactness(covs[res.name], res, extremes, opts.mode),
+        }
         done[res.name] = {"A": A, "B": B, "scaling": s, "info": report.layers[res.name]}
         if time.perf_counter() - last_save > 20:
             cache.save_atomic(partial, "partial-adapters", meta, done)
             last_save = time.perf_counter()
     return adapters
+
+
+def _compactness(C: torch.Tensor, res, extremes: dict, mode: str) -> dict[str, float]:  # noqa: ANN001
+    """π(C_fix) (DESIGN §3.5) and, for KPM, the truncation bound σ_(r)·π of the frozen bottom r.
+
+    λ_min/λ_max are computed once per distinct covariance (layers sharing an input share them).
+    For IPM the bottom spectrum is not computed by the decomposition; ``--dynamic`` reports it.
+    """
+    key = (id(C), res.damp)
+    if key not in extremes:
+        C_fix = fix_covariance(C.float().unsqueeze(0), torch.tensor([res.damp], dtype=torch.float64))
+        lo, hi = eig_extremes(C_fix[0])
+        extremes[key] = (float(lo), float(hi))
+    lo, hi = extremes[key]
+    pi = compactness(lo, hi, res.U.shape[0])
+    out = {"lambda_min": lo, "lambda_max": hi, "compactness": pi}
+    if mode == "kpm":  # the adapters are the bottom r: σ_(r) is the largest of them
+        out["truncation_bound"] = float(res.S.max()) * pi
+    return out
 
 
 def _set_residual(module: nn.Module, W_res: torch.Tensor) -> None:

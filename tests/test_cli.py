@@ -52,6 +52,9 @@ def test_init_writes_loadable_peft_adapter(tiny_dir: Path, tmp_path: Path, mode:
     saved = json.loads((tmp_path / "report.json").read_text())
     assert set(saved["stages"]) >= {"load", "calibrate", "decompose", "export", "verify"}
     assert saved["peak_rss_mib"] > 0
+    for row in saved["layers"].values():
+        assert row["compactness"] == pytest.approx((row["shape"][0] * row["lambda_max"]) ** 0.5 / row["lambda_min"])
+        assert ("truncation_bound" in row) == (mode == "kpm")
 
     original = AutoModelForCausalLM.from_pretrained(tiny_dir)
     residual = AutoModelForCausalLM.from_pretrained(tmp_path / "residual")
