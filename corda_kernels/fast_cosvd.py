@@ -36,6 +36,8 @@ For ``m > n`` (bottom) ``V = C_fix⁻¹ v`` is a Cholesky solve.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -58,8 +60,57 @@ class _Ritz:
     rel_res: torch.Tensor  # (B, l) ‖residual_i‖ / σ̃_i
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run small LAPACK calls (``l×l`` eigh / Cholesky) on one thread.
+
+    MKL's multi-threaded ``syevd`` / ``potrf`` on a 200×200 matrix can take seconds on a busy
+    machine (measured 4.5 s against 12 ms single-threaded on 2 shared cores).
+    """
+    before = torch.get_num_threads()
+    if before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before > 1:
+            torch.set_num_threads(before)
+
+
 def _orth(Y: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(Y).Q
+    """Orthonormal basis of the columns of ``Y`` ``(B, d, l)`` in ``Y``'s dtype.
+
+    Columns are normalized first (the iterations scale them by very different factors), then
+    CholeskyQR2 with the Gram matrices in float64 (BLAS-3, much faster on CPU than LAPACK's
+    tall-skinny QR); Householder QR where the Cholesky fails (a nearly dependent block).
+    """
+    Yn = Y / Y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
+    Q = Yn.double()
+    for _ in range(2):
+        G = Q.transpose(-1, -2) @ Q
+        with _one_thread():
+            L, info = torch.linalg.cholesky_ex(G)
+        if bool((info != 0).any()):
+            return torch.linalg.qr(Yn).Q
+        Q = torch.linalg.solve_triangular(L.transpose(-1, -2), Q, upper=True, left=False)
+    return Q.to(Y.dtype)
+
+
+def _ritz(Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right singular structure of a tall ``Z`` ``(B, d, l)`` from its float64 Gram matrix.
+
+    Returns ``(S, Yt)``: ``S`` ``(B, l)`` descending with ``S_i = ‖Z ỹ_i‖`` (computed from the
+    product, not from the squared eigenvalue) and ``Yt`` ``(B, l, l)`` orthogonal (columns ỹ_i),
+    so ``Z Yt`` has orthogonal columns of norms ``S``. Used for Rayleigh–Ritz; the squaring only
+    affects vectors inside the block, whose values are re-measured.
+    """
+    Z64 = Z.double()
+    G = Z64.transpose(-1, -2) @ Z64
+    with _one_thread():
+        _, Yt = torch.linalg.eigh(G)
+    Yt = Yt.flip(-1)
+    S = (Z64 @ Yt).norm(dim=-2)
+    return S, Yt
 
 
 def _estimate_remaining(hist: list[torch.Tensor]) -> torch.Tensor:
@@ -105,11 +156,15 @@ def top_r(
     C32 = C_fix.float()
     dev = W.device
 
+    # M applied implicitly costs 2·l·(n² + m·n) per iteration, explicitly 2·l·m·n after m·n²
+    # once: form it when m < 12·l (about six iterations amortize it).
+    M32 = W32 @ C32 if m < 12 * ell else None
+
     def mv(X: torch.Tensor) -> torch.Tensor:  # M X = W (C X)
-        return W32 @ (C32 @ X)
+        return M32 @ X if M32 is not None else W32 @ (C32 @ X)
 
     def mtv(Y: torch.Tensor) -> torch.Tensor:  # Mᵀ Y = C (Wᵀ Y)
-        return C32 @ (W32.transpose(-1, -2) @ Y)
+        return M32.transpose(-1, -2) @ Y if M32 is not None else C32 @ (W32.transpose(-1, -2) @ Y)
 
     omega = torch.randn(Bn, n, ell, generator=generator, dtype=torch.float32, device="cpu").to(dev)
     Q = _orth(mv(omega))
@@ -120,14 +175,14 @@ def top_r(
     while iters < max_iters:
         iters += 1
         Z = mtv(Q)  # (B, n, l) = Mᵀ Q
-        P, S, Yh = torch.linalg.svd(Z, full_matrices=False)  # Z = P S Yh: Ritz values S
-        Y = mv(Z)  # M Mᵀ Q
-        # Ritz pair i: u = Q ỹ_i, v = P e_i; M v − σ u = Y ỹ_i/σ − σ Q ỹ_i  (ỹ_i = row i of Yh)
-        Yt = Yh.transpose(-1, -2)[..., :rank]
-        Sr = S[..., :rank].clamp_min(torch.finfo(torch.float32).tiny)
-        res = (Y @ Yt) / Sr.unsqueeze(-2) - (Q @ Yt) * Sr.unsqueeze(-2)
+        S, Yt = _ritz(Z)  # Ritz values S; u_i = Q ỹ_i, v_i = Z ỹ_i / σ_i
+        Yt = Yt.float()
+        Y = mv(Z) @ Yt  # M Mᵀ Q, rotated to the Ritz basis: column i ≈ σ_i² u_i
+        Sr = S[..., :rank].float().clamp_min(torch.finfo(torch.float32).tiny)
+        # Ritz pair i: M v − σ u = Y_i/σ − σ Q ỹ_i
+        res = Y[..., :rank] / Sr.unsqueeze(-2) - (Q @ Yt[..., :rank]) * Sr.unsqueeze(-2)
         res_top = (res.norm(dim=-2) / Sr).amax(-1).double().cpu()
-        hist.append(S[..., :rank].double().cpu())
+        hist.append(S[..., :rank].cpu())
         est = _estimate_remaining(hist)
         Q = _orth(Y)
         if bool(((est <= tol) | (res_top <= tol)).all()):
@@ -137,11 +192,11 @@ def top_r(
     C64 = C_fix.double()
     Q64 = _orth(Q.double())
     Z = C64 @ (W64.transpose(-1, -2) @ Q64)  # Mᵀ Q
-    P, S, Yh = torch.linalg.svd(Z, full_matrices=False)
-    Yt = Yh.transpose(-1, -2)[..., :rank]
+    S, Yt = _ritz(Z)
+    Yt = Yt[..., :rank]
     U = Q64 @ Yt
     Sr = S[..., :rank]
-    Pr = P[..., :rank]
+    Pr = (Z @ Yt) / Sr.unsqueeze(-2)  # v_i: Mᵀ u_i = σ_i v_i
     V = (W64.transpose(-1, -2) @ U) / Sr.unsqueeze(-2)  # = C⁻¹ v exactly for these Ritz pairs
     res = W64 @ (C64 @ Pr) - U * Sr.unsqueeze(-2)
     rel_res = (res.norm(dim=-2) / Sr).cpu()
@@ -222,10 +277,11 @@ def _bottom_iterate(
             if bool(((rel.amax(-1) <= tol) | (est <= 1e-2 * tol * tol)).all()) or it == max_iters:
                 break
         X = _orth(T)
-        P, S, Yh = torch.linalg.svd(A @ X, full_matrices=False)  # A X = P S Yh
-        X = X @ Yh.transpose(-1, -2).flip(-1)  # Ritz vectors, ascending σ̃
-        S = S.flip(-1)
-        P = P.flip(-1)
+        Z = A @ X
+        S, Yt = _ritz(Z)
+        Yt, S = Yt.flip(-1), S.flip(-1)  # ascending σ̃
+        X = X @ Yt  # Ritz vectors
+        P = (Z @ Yt) / S.unsqueeze(-2)  # A x_i = σ_i p_i
         hist.append(S[..., :rank].cpu())
     assert S is not None and P is not None
     return X[..., :rank], P[..., :rank], S[..., :rank], rel, it, est
