@@ -266,3 +266,48 @@ def test_compare_triplets_is_sign_invariant_and_detects_errors(gen: torch.Genera
     wrong = crop(reference(W, C_fix), 9, "top")
     bad = compare_triplets((wrong[0][:, 1:], wrong[1][1:], wrong[2][:, 1:]), ref, W=W, C_fix=C_fix)
     assert bad["u_cos_min"] < 0.5 and bad["energy_rel_excess"] > 1e-3
+
+
+@pytest.mark.parametrize("corda_method", ["ipm", "kpm"])
+def test_pipeline_fast_matches_exact(corda_method: str, gen: torch.Generator) -> None:
+    """decompose_layers on a tiny LLaMA: fast (batched over same-shaped layers) vs exact, per layer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from corda_kernels.pipeline import decompose_layers
+
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    mods = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "o_proj", "up_proj", "down_proj"))}
+    ranks = dict.fromkeys(mods, 6)
+    ids = torch.randint(97, (8, 48), generator=gen)
+    results, cols = {}, {}
+    for method in ("fast", "exact"):
+        col = ck.CovarianceCollector(mods)
+        with torch.no_grad(), col.attached():
+            model(ids)
+        cols[method] = col
+        results[method] = {
+            res.name: res for res in decompose_layers(mods, col, ranks, corda_method, method=method, progress=False)
+        }
+    which = "top" if corda_method == "ipm" else "bottom"
+    assert set(results["fast"]) == set(mods)
+    # same-shaped layers of a damping chunk are decomposed as one batch (q/o: 64×64, up, down)
+    assert max(res.info["batch"] for res in results["fast"].values()) >= 3
+    for name, fast in results["fast"].items():
+        exact = results["exact"][name]
+        assert fast.info["method"].startswith("fast") and exact.info["method"] == "exact"
+        assert fast.damp == exact.damp
+        W = mods[name].weight.detach()
+        C_fix = ck.damped_inverse(cols["fast"].covariance(name))[0]
+        c = compare_triplets((fast.U, fast.S, fast.V), (exact.U, exact.S, exact.V), W=W, C_fix=C_fix, which=which)
+        assert c["sv_rel_err"] <= SV_TOL[which], (name, c)
+        assert c["energy_rel_excess"] <= 1e-3, (name, c)
