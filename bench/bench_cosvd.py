@@ -2,6 +2,10 @@
 
 Run: ``PYTHONPATH=. python bench/bench_cosvd.py [--quick] [--threads N]``. Prints a markdown table.
 
+Threads: 1 by default for both paths. On the shared 2-core machine, MKL's threaded LAPACK
+(``gesdd``, ``syevd``) under contention is erratic: a 512² fp32 SVD took 12 s with 2 threads
+against ~0.1 s with one, so 2-thread timings measure the contention, not the algorithms.
+
 Inputs: ``W·C_fix`` of shapes 2048², 4096² and 4096×11008 built from the embedded model's real
 weights and covariances (SmolLM2-135M calibrated on the Lee corpus with
 :class:`~corda_kernels.CovarianceCollector`), tiled up: ``C`` is block-diagonal with real
@@ -17,10 +21,12 @@ Per layer, whole layer included:
 * ours: :func:`corda_kernels.damped_inverse` (the same rule; its ``damp`` is checked equal to
   PEFT's) and :func:`corda_kernels.fast_cosvd.fast_cosvd` (top: randomized, bottom: float64).
 
-Accuracy of both against a float64 reference (float64 product, full float64 SVD, solve) on
-the same fp32 inputs, computed once per shape: the largest relative error of the ``r``
-singular values and the smallest principal cosine of the ``U`` subspaces; with tiny gaps at
-``r`` (shown) the cosine is not meaningful and the energy excess (``compare_triplets``) is.
+Times are medians of ``--repeats`` interleaved runs (PEFT, then every ``ours`` row) for
+shapes up to 2048², single runs above. Accuracy of both against a float64 reference (float64
+product, full float64 SVD, solve) on the same fp32 inputs, computed once per shape: the
+largest relative error of the ``r`` singular values and the smallest principal cosine of the
+``U`` subspaces; with tiny gaps at ``r`` (shown) the cosine is not meaningful and the energy
+excess (``compare_triplets``) is.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -138,8 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shapes", default=None, help="comma list like 2048x2048,4096x11008")
     ap.add_argument("--ranks", default=None, help="comma list of ranks (default 16,64,128)")
     ap.add_argument("--no-ref", action="store_true", help="skip the float64 reference (no accuracy columns)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="BLAS threads for both paths (default 1, see doc)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool-cache", default=None, help="torch.save file to reuse the calibrated covariances")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="interleaved repeats (median) for shapes up to 2048² (others: 1)"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,7 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     ranks = tuple(int(x) for x in args.ranks.split(",")) if args.ranks else RANKS
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    pool = real_pool()
+    if args.pool_cache and Path(args.pool_cache).exists():
+        pool = torch.load(args.pool_cache)
+    else:
+        pool = real_pool()
+        if args.pool_cache:
+            torch.save(pool, args.pool_cache)
     print(f"# CO-SVD per layer, CPU, {torch.get_num_threads()} threads; inputs from the embedded model "
           f"(calibrated in {time.perf_counter() - t0:.0f} s)\n", flush=True)
     print("| shape | r | which | PEFT damp s | PEFT decomp s | ours damp s | ours decomp s | decomp × | "
@@ -157,11 +173,22 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + "---|" * 17, flush=True)
     for m, n in shapes:
         W, C = tiled_layer(m, n, pool, gen)
-        peft_full, peft_damp, C_fix, pt = peft_layer(W, C)
+        reps = args.repeats if m * n <= 2048 * 2048 else 1
+        runs = []
+        for _ in range(reps):
+            peft_full, peft_damp, C_fix, pt = peft_layer(W, C)
+            runs.append(pt)
+            ours_runs = {}
+            for which in ("top", "bottom"):
+                for r in ranks:
+                    ours_runs[which, r] = ours_layer(W, C, r, which)
+            runs[-1] = (pt, ours_runs)
+        pt = {k: median([p[k] for p, _ in runs]) for k in ("damp", "decomp")}
         ref = None if args.no_ref else reference(W, C_fix)
         for which in ("top", "bottom"):
             for r in ranks:
-                (U, S, V), damp, info, ot = ours_layer(W, C, r, which)
+                (U, S, V), damp, info, _ = runs[-1][1][which, r]
+                ot = {k: median([o[which, r][3][k] for _, o in runs]) for k in ("damp", "decomp")}
                 if damp != peft_damp:
                     print(f"WARNING: damp differs: ours {damp} PEFT {peft_damp}", file=sys.stderr)
                 peft_r = crop(peft_full, r, which)
@@ -179,9 +206,9 @@ def main(argv: list[str] | None = None) -> None:
                             f"{co['u_cos_min']:.6f}", f"{co['energy_rel_excess']:.1e}"]
                 else:
                     row += ["–"] * 6
-                row.append(info["method"])
+                row.append(f"{info['method']} ({info.get('iterations', '–')} it, n={reps})")
                 print("| " + " | ".join(str(x) for x in row) + " |", flush=True)
-        del peft_full, ref, C_fix
+        del peft_full, ref, C_fix, runs
     print(f"\ntotal {time.perf_counter() - t0:.0f} s", flush=True)
 
 

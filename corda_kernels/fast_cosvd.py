@@ -27,8 +27,10 @@ An upper-triangular ``F`` with ``FᵀF ≈ AᵀA`` (first the Cholesky factor of
 Gram matrix, cheap but accurate only to ``ε₆₄·κ(M)²``; then, where that cannot be
 certified, the ``R`` of a Householder QR of ``A``, accurate to ``ε₆₄·κ(M)``) drives block
 inverse subspace iteration ``X ← orth(F⁻¹F⁻ᵀX)`` (triangular solves only), and every step's
-Rayleigh–Ritz uses the exact float64 ``A``, so the residual bound certifies against ``M``
-itself, not against the factor. When neither factor certifies the requested accuracy, the
+Rayleigh–Ritz uses ``F``; the values are finally measured with the exact float64 ``A``.
+The accuracy estimate is the factor's a-priori error plus half the eigen-residual of the
+Ritz vectors for ``(FᵀF)⁻¹`` (measurable to ``ε·κ(F)``; a residual with ``AᵀA`` itself is not
+measurable below ``ε·κ²``). When neither factor certifies the requested accuracy, the
 exact full SVD is taken and ``info["method"]`` says so.
 
 In both paths ``V = Wᵀ·U·diag(S)⁻¹``: for a Ritz pair with ``Mᵀu = σ̃ v`` exactly (how they
@@ -276,7 +278,7 @@ def _bottom_iterate(
     hist: list[torch.Tensor] = []
     est = torch.full((Bn, rank), math.inf, dtype=torch.float64)
     rel = torch.full((Bn, rank), math.inf, dtype=torch.float64)
-    S = P = None
+    S = None
     it = 0
     for it in range(max_iters + 1):
         T = torch.linalg.solve_triangular(F, torch.linalg.solve_triangular(Ft, X, upper=False), upper=True)
@@ -288,14 +290,16 @@ def _bottom_iterate(
             if bool(((rel.amax(-1) <= tol) | (est.amax(-1) <= 1e-2 * tol * tol)).all()) or it == max_iters:
                 break
         X = _orth(T)
-        Z = A @ X
-        S, Yt = _ritz(Z)
+        # Rayleigh–Ritz with F (k×k) instead of A (R×k): F is as accurate as the bound assumes
+        S, Yt = _ritz(F @ X)
         Yt, S = Yt.flip(-1), S.flip(-1)  # ascending σ̃
         X = X @ Yt  # Ritz vectors
-        P = (Z @ Yt) / S.unsqueeze(-2)  # A x_i = σ_i p_i
         hist.append(S[..., :rank].cpu())
-    assert S is not None and P is not None
-    return X[..., :rank], P[..., :rank], S[..., :rank], rel, it, est
+    assert S is not None
+    # final values and left vectors from the exact A: A x_i = σ_i p_i
+    Z = A @ X[..., :rank]
+    S = Z.norm(dim=-2)
+    return X[..., :rank], Z / S.unsqueeze(-2), S, rel, it, est
 
 
 def bottom_r(
