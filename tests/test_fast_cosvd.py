@@ -311,3 +311,39 @@ def test_pipeline_fast_matches_exact(corda_method: str, gen: torch.Generator) ->
         c = compare_triplets((fast.U, fast.S, fast.V), (exact.U, exact.S, exact.V), W=W, C_fix=C_fix, which=which)
         assert c["sv_rel_err"] <= SV_TOL[which], (name, c)
         assert c["energy_rel_excess"] <= 1e-3, (name, c)
+
+
+def test_triplets_from_adapter_and_compare_script(tmp_path: Path, gen: torch.Generator, capsys) -> None:
+    """Adapters built from triplets give the triplets back; the comparison script reads PEFT dirs."""
+    import importlib.util
+    import json
+
+    from safetensors.torch import save_file
+
+    from corda_kernels.fast_cosvd import triplets_from_adapter
+
+    W, C = outlier_case(96, 128, gen)
+    C_fix = ck.damped_inverse(C)[0]
+    r, s = 8, lora_scaling(16, 8)
+    exact = cosvd(W, C, rank=r, which="bottom", method="exact", C_fix=C_fix)
+    fast = cosvd(W, C, rank=r, which="bottom", method="fast", C_fix=C_fix)
+    A, B, _ = build_adapter(W, *exact, s)
+    back = triplets_from_adapter(A, B, s)
+    assert rel_err(back[1], exact[1]) < 1e-6 and rel_err(back[0], exact[0]) < 1e-5 and rel_err(back[2], exact[2]) < 1e-5
+    for tag, trip in (("fast", fast), ("exact", exact)):
+        A, B, _ = build_adapter(W, *trip, s)
+        d = tmp_path / tag
+        d.mkdir()
+        key = "base_model.model.layers.0.mlp.down_proj"
+        save_file({f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B}, str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": 16}))
+    script = Path(__file__).parents[1] / "python" / "compare_adapters.py"
+    spec = importlib.util.spec_from_file_location("compare_adapters", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main([str(tmp_path / "fast"), str(tmp_path / "exact"), "--json", str(tmp_path / "out.json")])
+    rows = json.loads((tmp_path / "out.json").read_text())
+    c = rows["base_model.model.layers.0.mlp.down_proj"]
+    direct = compare_triplets(fast, exact)
+    assert abs(c["sv_rel_err"] - direct["sv_rel_err"]) < 1e-6 and c["sv_rel_err"] < 5e-3
+    assert "worst" in capsys.readouterr().out
