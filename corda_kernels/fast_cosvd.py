@@ -43,26 +43,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
 from .decomposition import _FAST, select
 
 TOP_TOL = 1e-4  # target relative accuracy of the top-r singular values (the tests ask 1e-3)
-BOTTOM_TOL = 1e-4  # target relative residual of the bottom-r (the tests ask 5e-3 on values)
-BOTTOM_CERTIFY = 2e-3  # a bottom result whose linear residual bound exceeds this is not accepted
+BOTTOM_TOL = 1e-4  # target eigen-residual of the bottom-r Ritz vectors (the tests ask 5e-3 on values)
+BOTTOM_CERTIFY = 2e-3  # a bottom result whose estimated relative σ error exceeds this is not accepted
 
 
 def default_oversample(rank: int, k: int) -> int:
     """Oversampling ``p`` for the subspace iterations: ``r/2 + 8``, capped so that ``r + p ≤ k``."""
     return max(0, min(rank // 2 + 8, k - rank))
-
-
-@dataclass
-class _Ritz:
-    S: torch.Tensor  # (B, l) descending (top) / ascending (bottom), float64
-    rel_res: torch.Tensor  # (B, l) ‖residual_i‖ / σ̃_i
 
 
 @contextmanager
