@@ -41,7 +41,7 @@ For ``m > n`` (bottom) ``V = C_fix⁻¹ v`` is a Cholesky solve.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -227,28 +227,22 @@ def top_r(
 # ---------------------------------------------------------------------------------------------
 # bottom r (KPM)
 # ---------------------------------------------------------------------------------------------
-def _spectral_norm(A: torch.Tensor, iters: int = 8) -> torch.Tensor:
-    """Power-iteration estimate of ``‖A‖₂`` for ``A`` ``(B, R, k)`` (float64), ``(B,)``; a lower bound."""
-    x = torch.ones(A.shape[0], A.shape[-1], 1, dtype=A.dtype, device=A.device)
+def _power_norm(apply: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, int], iters: int = 8) -> torch.Tensor:
+    """``‖op‖₂`` estimate ``(B,)`` for a symmetric positive operator given by ``apply`` on ``(B, d, 1)``."""
+    x = torch.ones(*shape, 1, dtype=torch.float64)
+    lam = torch.zeros(shape[0], dtype=torch.float64)
     for _ in range(iters):
-        x = A.transpose(-1, -2) @ (A @ x)
-        x = x / x.norm(dim=-2, keepdim=True).clamp_min(1e-300)
-    return (A @ x).norm(dim=(-2, -1)).cpu()
-
-
-def _min_singular(F: torch.Tensor, iters: int = 6) -> torch.Tensor:
-    """Inverse-power estimate of ``σ_min(F)`` for upper-triangular ``F`` ``(B, k, k)``, ``(B,)`` (an upper bound)."""
-    x = torch.ones(F.shape[0], F.shape[-1], 1, dtype=F.dtype, device=F.device)
-    Ft = F.transpose(-1, -2)
-    for _ in range(iters):
-        x = torch.linalg.solve_triangular(F, torch.linalg.solve_triangular(Ft, x, upper=False), upper=True)
-        x = x / x.norm(dim=-2, keepdim=True).clamp_min(1e-300)
-    return (F @ x).norm(dim=(-2, -1)).cpu()
+        y = apply(x)
+        lam = y.norm(dim=(-2, -1))
+        x = y / lam.view(-1, 1, 1).clamp_min(1e-300)
+    return lam.cpu()
 
 
 def _bottom_iterate(
-    A: torch.Tensor,
-    F: torch.Tensor,
+    apply_inv: Callable[[torch.Tensor], torch.Tensor],
+    apply_ritz: Callable[[torch.Tensor], torch.Tensor],
+    apply_A: Callable[[torch.Tensor], torch.Tensor],
+    shape: tuple[int, int],
     rank: int,
     ell: int,
     *,
@@ -256,25 +250,25 @@ def _bottom_iterate(
     max_iters: int,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Block inverse iteration with ``(FᵀF)⁻¹`` and exact Rayleigh–Ritz with ``A`` (float64).
+    """Block inverse subspace iteration for the bottom right singular vectors of a tall ``A``.
 
-    ``A`` ``(B, R, k)`` tall, ``F`` ``(B, k, k)`` upper triangular with ``FᵀF ≈ AᵀA``. Returns
-    ``X`` ``(B, k, r)`` (bottom right singular vectors of ``A``, ascending), ``Pv`` ``(B, R, r)``
-    (``A x / σ``), ``S`` ``(B, r)`` ascending, the relative eigen-residuals of the Ritz vectors
-    for ``(FᵀF)⁻¹`` ``(B, r)`` (``‖T x − μ x‖/μ``, ``μ = xᵀ T x``; measurable to ``ε·κ(F)``, unlike a
-    residual with ``AᵀA`` itself), the iteration count and the extrapolated remaining change of
-    the Ritz values ``(B, r)``.
+    ``shape = (B, k)``; ``apply_inv(X)`` ≈ ``(AᵀA)⁻¹X`` (triangular / LU solves),
+    ``apply_ritz(X)`` a matrix ``G X`` with ``GᵀG ≈ AᵀA`` for the Rayleigh–Ritz steps, and
+    ``apply_A(X)`` the exact float64 ``A X`` for the final values. Returns ``X`` ``(B, k, r)``
+    (ascending σ), ``P = A X / σ``, ``S`` ``(B, r)`` ascending, the relative eigen-residuals of
+    the Ritz vectors for the inverse operator ``(B, r)`` (``‖T x − μ x‖/μ``, ``μ = xᵀ T x``;
+    measurable to ``ε·κ``, unlike a residual with ``AᵀA`` itself, ``ε·κ²``), the iteration
+    count and the extrapolated remaining change of the Ritz values ``(B, r)``.
     """
-    Bn, _, k = A.shape
-    X = _orth(torch.randn(Bn, k, ell, generator=generator, dtype=torch.float64).to(A.device))
-    Ft = F.transpose(-1, -2)
+    Bn, k = shape
+    X = _orth(torch.randn(Bn, k, ell, generator=generator, dtype=torch.float64))
     hist: list[torch.Tensor] = []
     est = torch.full((Bn, rank), math.inf, dtype=torch.float64)
     rel = torch.full((Bn, rank), math.inf, dtype=torch.float64)
     S = None
     it = 0
     for it in range(max_iters + 1):
-        T = torch.linalg.solve_triangular(F, torch.linalg.solve_triangular(Ft, X, upper=False), upper=True)
+        T = apply_inv(X)
         if it > 0:  # X holds the Ritz vectors of the previous step, ascending
             Xr, Tr = X[..., :rank], T[..., :rank]
             mu = (Xr * Tr).sum(-2, keepdim=True)
@@ -283,14 +277,13 @@ def _bottom_iterate(
             if bool(((rel.amax(-1) <= tol) | (est.amax(-1) <= 1e-2 * tol * tol)).all()) or it == max_iters:
                 break
         X = _orth(T)
-        # Rayleigh–Ritz with F (k×k) instead of A (R×k): F is as accurate as the bound assumes
-        S, Yt = _ritz(F @ X)
+        S, Yt = _ritz(apply_ritz(X))
         Yt, S = Yt.flip(-1), S.flip(-1)  # ascending σ̃
         X = X @ Yt  # Ritz vectors
         hist.append(S[..., :rank].cpu())
     assert S is not None
     # final values and left vectors from the exact A: A x_i = σ_i p_i
-    Z = A @ X[..., :rank]
+    Z = apply_A(X[..., :rank])
     S = Z.norm(dim=-2)
     return X[..., :rank], Z / S.unsqueeze(-2), S, rel, it, est
 
@@ -305,18 +298,23 @@ def bottom_r(
     certify: float = BOTTOM_CERTIFY,
     max_iters: int = 60,
     generator: torch.Generator | None = None,
-    factors: tuple[str, ...] = ("gram", "qr"),
+    factors: tuple[str, ...] = ("lu", "gram", "qr"),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict]]:
     """Bottom-``rank`` CO-SVD triplets in float64 with an accuracy estimate (see module doc).
 
-    ``W`` ``(B, m, n)``, ``C_fix`` ``(B, n, n)``. Tries the factors in ``factors`` order
-    (``"gram"``: Cholesky of the float64 Gram matrix, error ``≈ c·ε·κ_i²`` on ``σ_i``;
-    ``"qr"``: R of a float64 Householder QR, ``≈ c·ε·κ_i``; ``κ_i = ‖M‖₂/σ_i``, ``c = √R + √k``)
-    and accepts the first whose bound ``factor error + iteration residual / 2`` on the relative
-    error of every bottom singular value is ``≤ certify`` for every matrix of the batch; a
-    factor whose a-priori error already exceeds ``certify`` is skipped without iterating.
-    Otherwise the exact full SVD is taken (``info["method"] = "exact-fallback"``).
-    Returns float32 ``U`` ``(B, m, r)``, ``S`` ``(B, r)`` descending, ``V`` ``(B, n, r)`` and info dicts.
+    ``W`` ``(B, m, n)``, ``C_fix`` ``(B, n, n)``. Tries the factorizations in ``factors`` order
+    and accepts the first whose estimated bound ``factor error + iteration residual / 2`` on
+    the relative error of every bottom singular value is ``≤ certify`` for every matrix of the
+    batch; a factor whose a-priori error already exceeds ``certify`` is skipped unused:
+
+    * ``"lu"`` (square ``W`` and ``r + p ≤ n/30`` only): ``M⁻¹ = C⁻¹W⁻¹`` from an LU of ``W`` and
+      a Cholesky of ``C`` (``n³`` flops, ``M`` never formed), error ``≈ c·ε·(g·κ(W)·κ(C) + κ(C))``;
+    * ``"gram"``: Cholesky of the float64 Gram matrix of ``M``, error ``≈ c·ε·κ(M)²``;
+    * ``"qr"``: R of a float64 Householder QR of ``M``, error ``≈ c·ε·κ(M)``;
+
+    (``κ(M) = ‖M‖₂/σ_min``, ``c = √R + √k``, ``g`` the LU growth). Otherwise the exact full SVD
+    is taken (``info["method"] = "exact-fallback"``). Returns float32 ``U`` ``(B, m, r)``,
+    ``S`` ``(B, r)`` descending, ``V`` ``(B, n, r)`` and info dicts.
     """
     Bn, m, n = W.shape
     k = min(m, n)
@@ -324,41 +322,89 @@ def bottom_r(
     ell = rank + p
     W64 = W.double()
     C64 = C_fix.double()
+    Wt64 = W64.transpose(-1, -2)
     wide = m <= n
-    A = C64 @ W64.transpose(-1, -2) if wide else W64 @ C64  # tall (R, k): Mᵀ or M
-    R = A.shape[-2]
+    R = max(m, n)
     eps = torch.finfo(torch.float64).eps
     c = math.sqrt(R) + math.sqrt(k)
-    norm2 = _spectral_norm(A) * 1.01
+    if wide:  # A = Mᵀ = C Wᵀ (n×m); AᵀA = M Mᵀ
+
+        def apply_A(X: torch.Tensor) -> torch.Tensor:
+            return C64 @ (Wt64 @ X)
+
+        def apply_AtA(X: torch.Tensor) -> torch.Tensor:
+            return W64 @ (C64 @ (C64 @ (Wt64 @ X)))
+    else:  # A = M = W C (m×n)
+
+        def apply_A(X: torch.Tensor) -> torch.Tensor:
+            return W64 @ (C64 @ X)
+
+        def apply_AtA(X: torch.Tensor) -> torch.Tensor:
+            return C64 @ (Wt64 @ (W64 @ (C64 @ X)))
+
+    norm2 = _power_norm(apply_AtA, (Bn, k)).sqrt() * 1.01
+    A_full: torch.Tensor | None = None
     tried: list[str] = []
     for factor in factors:
-        if factor == "gram":
-            G = A.transpose(-1, -2) @ A
-            F, info = torch.linalg.cholesky_ex(G, upper=True)
-            del G
-            if bool((info != 0).any()):
-                tried.append("gram: not positive definite in float64")
+        if factor == "lu":
+            # ~10 steps of 8 triangular solves on l columns cost ~80·n²·l flops, forming M and its
+            # Gram matrix ~4·n³: the LU path only pays off for thin blocks (l ≤ n/30)
+            if m != n or 30 * ell > n:
                 continue
-            power = 2
-        elif factor == "qr":
-            F = torch.linalg.qr(A, mode="r").R
-            power = 1
+            LU, piv, info = torch.linalg.lu_factor_ex(W64)
+            Lc, info_c = torch.linalg.cholesky_ex(C64)
+            if bool((info != 0).any() | (info_c != 0).any()):
+                tried.append("lu: W singular or C not positive definite in float64")
+                continue
+
+            def apply_inv(X: torch.Tensor, LU=LU, piv=piv, Lc=Lc) -> torch.Tensor:  # (M Mᵀ)⁻¹ = W⁻ᵀ C⁻² W⁻¹
+                Y = torch.cholesky_solve(torch.cholesky_solve(torch.linalg.lu_solve(LU, piv, X), Lc), Lc)
+                return torch.linalg.lu_solve(LU, piv, Y, adjoint=True)
+
+            def inv_W(X: torch.Tensor, LU=LU, piv=piv) -> torch.Tensor:  # (W Wᵀ)⁻¹
+                return torch.linalg.lu_solve(LU, piv, torch.linalg.lu_solve(LU, piv, X), adjoint=True)
+
+            kW = (_power_norm(lambda X: W64 @ (Wt64 @ X), (Bn, n)) * _power_norm(inv_W, (Bn, n))).sqrt()
+            kC = _power_norm(lambda X: C64 @ X, (Bn, n)) * _power_norm(
+                lambda X, Lc=Lc: torch.cholesky_solve(X, Lc), (Bn, n)
+            )
+            growth = (LU.abs().amax((-2, -1)) / W64.abs().amax((-2, -1))).cpu()
+            factor_err = c * eps * (growth * kW * kC + kC)
+            apply_ritz = apply_A
+        elif factor in ("gram", "qr"):
+            if A_full is None:
+                A_full = C64 @ Wt64 if wide else W64 @ C64  # tall (R, k): Mᵀ or M
+            if factor == "gram":
+                F, info = torch.linalg.cholesky_ex(A_full.transpose(-1, -2) @ A_full, upper=True)
+                if bool((info != 0).any()):
+                    tried.append("gram: not positive definite in float64")
+                    continue
+            else:
+                F = torch.linalg.qr(A_full, mode="r").R
+
+            def apply_inv(X: torch.Tensor, F=F) -> torch.Tensor:  # (FᵀF)⁻¹
+                Y = torch.linalg.solve_triangular(F.transpose(-1, -2), X, upper=False)
+                return torch.linalg.solve_triangular(F, Y, upper=True)
+
+            def apply_ritz(X: torch.Tensor, F=F) -> torch.Tensor:
+                return F @ X
+
+            smin = _power_norm(apply_inv, (Bn, k)).rsqrt()
+            factor_err = c * eps * (norm2 / smin) ** (2 if factor == "gram" else 1)
         else:
             raise ValueError(f"bottom_r: unknown factor {factor!r}")
-        # a-priori error of the factor at σ_min (inverse power estimate): skip a hopeless factor
-        prior = c * eps * (norm2 / _min_singular(F)) ** power
-        if bool((prior > certify).any()):
-            tried.append(f"{factor}: a-priori factor error {float(prior.max()):.2g} > {certify:g}")
+        if bool((factor_err > certify).any()):
+            tried.append(f"{factor}: a-priori factor error {float(factor_err.max()):.2g} > {certify:g}")
             continue
-        X, Pv, S, rel, it, est = _bottom_iterate(A, F, rank, ell, tol=tol, max_iters=max_iters, generator=generator)
-        kappa = norm2 / S[..., 0].cpu()  # the largest κ_i over the bottom r
-        factor_err = c * eps * kappa**power
+        X, Pv, S, rel, it, est = _bottom_iterate(
+            apply_inv, apply_ritz, apply_A, (Bn, k), rank, ell, tol=tol, max_iters=max_iters, generator=generator
+        )
         bound = factor_err + rel.amax(-1) / 2
         if bool((bound <= certify).all()):
             X, Pv, S = X.flip(-1), Pv.flip(-1), S.flip(-1)  # descending
             if wide:
                 U = X
-                V = (W64.transpose(-1, -2) @ U) / S.unsqueeze(-2)  # = C⁻¹ v (Mᵀu = σ v exactly)
+                V = (Wt64 @ U) / S.unsqueeze(-2)  # = C⁻¹ v (Mᵀu = σ v exactly)
             else:
                 U = Pv
                 V = torch.cholesky_solve(X, torch.linalg.cholesky(C64))

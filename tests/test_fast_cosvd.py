@@ -194,7 +194,7 @@ def test_gram_factor_rejected_where_kappa_squared_overflows(gen: torch.Generator
     """κ(M) ≈ 2e8: the float64 Gram path cannot certify the bottom, the QR path takes over."""
     W, C = real_case("square")
     C_fix = ck.damped_inverse(C)[0]
-    _, _, _, infos = bottom_r(W[None], C_fix[None], 8, generator=gen)
+    _, _, _, infos = bottom_r(W[None], C_fix[None], 8, generator=gen, factors=("gram", "qr"))
     assert infos[0]["method"] == "fast-kpm-qr"
     assert any(msg.startswith("gram") for msg in infos[0]["rejected"])
     # and a well-conditioned layer stays on the cheap Gram path
@@ -203,11 +203,22 @@ def test_gram_factor_rejected_where_kappa_squared_overflows(gen: torch.Generator
     assert infos2[0]["method"] == "fast-kpm-gram"
 
 
+def test_square_layers_use_the_lu_path(gen: torch.Generator) -> None:
+    """Square W: M⁻¹ = C⁻¹W⁻¹ from LU(W) and Cholesky(C), M never formed, as accurate as QR."""
+    W, C = real_case("square")
+    C_fix = ck.damped_inverse(C)[0]
+    ref = reference(W, C_fix)
+    U, S, V, infos = bottom_r(W[None], C_fix[None], 16, oversample=0, generator=gen)  # l = 16 ≤ 576/30
+    assert infos[0]["method"] == "fast-kpm-lu", infos
+    c = check(W, C_fix, (U[0], S[0], V[0]), ref, 16, "bottom", infos[0])
+    assert c["sv_rel_err"] < 1e-5
+
+
 def test_uncertified_bottom_falls_back_to_exact(gen: torch.Generator) -> None:
     W, C = outlier_case(256, 256, gen)
     C_fix = ck.damped_inverse(C)[0]
     U, S, V, infos = bottom_r(W[None], C_fix[None], 8, certify=1e-30, generator=gen)
-    assert infos[0]["method"] == "exact-fallback" and len(infos[0]["rejected"]) == 2
+    assert infos[0]["method"] == "exact-fallback" and len(infos[0]["rejected"]) == 2  # gram, qr (l > n/30: no lu)
     Ue, Se, Ve = cosvd(W, C, rank=8, which="bottom", method="exact", C_fix=C_fix)
     assert torch.equal(S[0], Se)
 
