@@ -327,23 +327,17 @@ def bottom_r(
     R = max(m, n)
     eps = torch.finfo(torch.float64).eps
     c = math.sqrt(R) + math.sqrt(k)
-    if wide:  # A = Mᵀ = C Wᵀ (n×m); AᵀA = M Mᵀ
+    if wide:  # A = Mᵀ = C Wᵀ (n×m), AᵀA = M Mᵀ
 
         def apply_A(X: torch.Tensor) -> torch.Tensor:
             return C64 @ (Wt64 @ X)
-
-        def apply_AtA(X: torch.Tensor) -> torch.Tensor:
-            return W64 @ (C64 @ (C64 @ (Wt64 @ X)))
     else:  # A = M = W C (m×n)
 
         def apply_A(X: torch.Tensor) -> torch.Tensor:
             return W64 @ (C64 @ X)
 
-        def apply_AtA(X: torch.Tensor) -> torch.Tensor:
-            return C64 @ (Wt64 @ (W64 @ (C64 @ X)))
-
-    norm2 = _power_norm(apply_AtA, (Bn, k)).sqrt() * 1.01
     A_full: torch.Tensor | None = None
+    norm2: torch.Tensor | None = None
     tried: list[str] = []
     for factor in factors:
         if factor == "lu":
@@ -374,6 +368,7 @@ def bottom_r(
         elif factor in ("gram", "qr"):
             if A_full is None:
                 A_full = C64 @ Wt64 if wide else W64 @ C64  # tall (R, k): Mᵀ or M
+                norm2 = _power_norm(lambda X, A=A_full: A.transpose(-1, -2) @ (A @ X), (Bn, k)).sqrt() * 1.01
             if factor == "gram":
                 F, info = torch.linalg.cholesky_ex(A_full.transpose(-1, -2) @ A_full, upper=True)
                 if bool((info != 0).any()):
@@ -390,6 +385,7 @@ def bottom_r(
                 return F @ X
 
             smin = _power_norm(apply_inv, (Bn, k)).rsqrt()
+            assert norm2 is not None
             factor_err = c * eps * (norm2 / smin) ** (2 if factor == "gram" else 1)
         else:
             raise ValueError(f"bottom_r: unknown factor {factor!r}")
