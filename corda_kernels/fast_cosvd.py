@@ -18,20 +18,29 @@ below ``tol/100`` — the values, and with them the captured energy
 ``Σ_{i≤r} σ̃_i² = ‖P_r M‖_F²``, converge with or without any gap, so this criterion stops flat
 spectra (it must hold on two consecutive steps). The tolerances are raised to float32's
 resolution (``30·u₃₂·σ̃_1/σ̃_i`` for residuals, ``u₃₂·σ̃_1/σ̃_i`` for values); capped iterations.
-A final Rayleigh–Ritz step in float64 gives the triplets and a posterior residual bound ``max_i ‖M v_i − σ̃_i u_i‖/σ̃_i``
-(some singular value of ``M`` lies within it of each ``σ̃_i``).
+A final Rayleigh–Ritz step in float64 gives the triplets and a posterior residual bound
+``max_i ‖M v_i − σ̃_i u_i‖/σ̃_i`` (some singular value of ``M`` lies within it of each ``σ̃_i``).
 
-Bottom ``r`` (:func:`bottom_r`): everything in float64. ``A`` is the tall orientation of
-``M`` (``Mᵀ`` for ``m ≤ n``, so the wanted vectors are ``U``; ``M`` for ``m > n``, ``V``).
-An upper-triangular ``F`` with ``FᵀF ≈ AᵀA`` (first the Cholesky factor of the float64
-Gram matrix, cheap but accurate only to ``ε₆₄·κ(M)²``; then, where that cannot be
-certified, the ``R`` of a Householder QR of ``A``, accurate to ``ε₆₄·κ(M)``) drives block
-inverse subspace iteration ``X ← orth(F⁻¹F⁻ᵀX)`` (triangular solves only), and every step's
-Rayleigh–Ritz uses ``F``; the values are finally measured with the exact float64 ``A``.
-The accuracy estimate is the factor's a-priori error plus half the eigen-residual of the
-Ritz vectors for ``(FᵀF)⁻¹`` (measurable to ``ε·κ(F)``; a residual with ``AᵀA`` itself is not
-measurable below ``ε·κ²``). When neither factor certifies the requested accuracy, the
-exact full SVD is taken and ``info["method"]`` says so.
+Bottom ``r`` (:func:`bottom_r`): everything in float64 (PEFT's fp32 product + fp32 SVD cannot
+resolve the bottom of a spectrum spanning 6–8 decades). ``A`` is the tall orientation of
+``M`` (``Mᵀ`` for ``m ≤ n``: the wanted vectors are ``U``; ``M`` for ``m > n``: ``V``). Block
+inverse subspace iteration ``X ← orth((AᵀA)⁻¹X)`` with ``l = r + p`` columns, the inverse
+applied through a factorization, tried in this order where it applies:
+
+* ``lu`` (square ``W``, thin blocks): ``(MMᵀ)⁻¹ = W⁻ᵀC⁻²W⁻¹`` from an LU of ``W`` and a Cholesky
+  of ``C`` — ``M`` is never formed;
+* ``gram``: the Cholesky factor ``F`` of the float64 Gram matrix ``AᵀA`` (one GEMM), accurate
+  only to ``ε₆₄·κ(M)²`` (fails for real q_proj layers, ``κ ≈ 1e8``);
+* ``qr``: the ``R`` of a float64 Householder QR of ``A``, accurate to ``ε₆₄·κ(M)``.
+
+A factor whose a-priori error (from cheap power-iteration estimates of the condition numbers)
+exceeds the certification level is skipped. The iteration stops when the eigen-residuals of
+the Ritz vectors for the inverse operator are below ``tol`` (these are measurable to
+``ε·κ``; a residual with ``AᵀA`` itself is not measurable below ``ε·κ²``) or the Ritz values
+stall. The estimate ``factor error + residual/2`` bounds the relative error of the bottom
+singular values; if it exceeds ``certify`` for every factor, the exact full SVD is taken and
+``info["method"] = "exact-fallback"`` records it. The values are finally measured with the
+exact float64 ``M``.
 
 In both paths ``V = Wᵀ·U·diag(S)⁻¹``: for a Ritz pair with ``Mᵀu = σ̃ v`` exactly (how they
 are built) this *is* ``C_fix⁻¹v``, and ``U diag(S) Vᵀ = U Uᵀ W``, the projection of ``W``.
