@@ -166,10 +166,15 @@ def main(argv: list[str] | None = None) -> None:
         pool = real_pool()
         if args.pool_cache:
             torch.save(pool, args.pool_cache)
-    print(f"# CO-SVD per layer, CPU, {torch.get_num_threads()} threads; inputs from the embedded model "
-          f"(calibrated in {time.perf_counter() - t0:.0f} s)\n", flush=True)
-    print("| shape | r | which | PEFT damp s | PEFT decomp s | ours damp s | ours decomp s | decomp × | "
-          "layer × | gap | PEFT sv err | PEFT U cos | ours sv err | ours U cos | ours energy exc | ours method |")
+    print(
+        f"# CO-SVD per layer, CPU, {torch.get_num_threads()} threads; inputs from the embedded model "
+        f"(calibrated in {time.perf_counter() - t0:.0f} s)\n",
+        flush=True,
+    )
+    print(
+        "| shape | r | which | PEFT damp s | PEFT decomp s | ours damp s | ours decomp s | decomp × | "
+        "layer × | gap | PEFT sv err | PEFT U cos | ours sv err | ours U cos | ours energy exc | ours method |"
+    )
     print("|" + "---|" * 17, flush=True)
     for m, n in shapes:
         W, C = tiled_layer(m, n, pool, gen)
@@ -192,9 +197,17 @@ def main(argv: list[str] | None = None) -> None:
                 if damp != peft_damp:
                     print(f"WARNING: damp differs: ours {damp} PEFT {peft_damp}", file=sys.stderr)
                 peft_r = crop(peft_full, r, which)
-                row = [f"{m}×{n}", r, which, f"{pt['damp']:.2f}", f"{pt['decomp']:.2f}", f"{ot['damp']:.2f}",
-                       f"{ot['decomp']:.2f}", f"{pt['decomp'] / ot['decomp']:.1f}",
-                       f"{(pt['damp'] + pt['decomp']) / (ot['damp'] + ot['decomp']):.1f}"]
+                row = [
+                    f"{m}×{n}",
+                    r,
+                    which,
+                    f"{pt['damp']:.2f}",
+                    f"{pt['decomp']:.2f}",
+                    f"{ot['damp']:.2f}",
+                    f"{ot['decomp']:.2f}",
+                    f"{pt['decomp'] / ot['decomp']:.1f}",
+                    f"{(pt['damp'] + pt['decomp']) / (ot['damp'] + ot['decomp']):.1f}",
+                ]
                 if ref is not None:
                     ref_r = crop(ref, r, which)
                     k = ref[1].numel()
@@ -202,8 +215,13 @@ def main(argv: list[str] | None = None) -> None:
                     row.append(f"{float(ref[1][i - 1] / ref[1][i]):.4f}")
                     cp = compare_triplets(peft_r, ref_r)
                     co = compare_triplets((U, S, V), ref_r, W=W, C_fix=C_fix, which=which)
-                    row += [f"{cp['sv_rel_err']:.1e}", f"{cp['u_cos_min']:.6f}", f"{co['sv_rel_err']:.1e}",
-                            f"{co['u_cos_min']:.6f}", f"{co['energy_rel_excess']:.1e}"]
+                    row += [
+                        f"{cp['sv_rel_err']:.1e}",
+                        f"{cp['u_cos_min']:.6f}",
+                        f"{co['sv_rel_err']:.1e}",
+                        f"{co['u_cos_min']:.6f}",
+                        f"{co['energy_rel_excess']:.1e}",
+                    ]
                 else:
                     row += ["–"] * 6
                 row.append(f"{info['method']} ({info.get('iterations', '–')} it, n={reps})")

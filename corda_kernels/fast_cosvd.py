@@ -236,10 +236,15 @@ def top_r(
 # ---------------------------------------------------------------------------------------------
 # bottom r (KPM)
 # ---------------------------------------------------------------------------------------------
-def _power_norm(apply: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, int], iters: int = 8) -> torch.Tensor:
-    """``‖op‖₂`` estimate ``(B,)`` for a symmetric positive operator given by ``apply`` on ``(B, d, 1)``."""
-    x = torch.ones(*shape, 1, dtype=torch.float64)
-    lam = torch.zeros(shape[0], dtype=torch.float64)
+def _power_norm(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    shape: tuple[int, int],
+    iters: int = 8,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """``‖op‖₂`` estimate ``(B,)`` (on the CPU) of a symmetric positive operator ``apply`` on ``(B, d, 1)``."""
+    x = torch.ones(*shape, 1, dtype=torch.float64, device=device)
+    lam = torch.zeros(shape[0], dtype=torch.float64, device=device)
     for _ in range(iters):
         y = apply(x)
         lam = y.norm(dim=(-2, -1))
@@ -258,6 +263,7 @@ def _bottom_iterate(
     tol: float,
     max_iters: int,
     generator: torch.Generator | None,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """Block inverse subspace iteration for the bottom right singular vectors of a tall ``A``.
 
@@ -270,7 +276,7 @@ def _bottom_iterate(
     count and the extrapolated remaining change of the Ritz values ``(B, r)``.
     """
     Bn, k = shape
-    X = _orth(torch.randn(Bn, k, ell, generator=generator, dtype=torch.float64))
+    X = _orth(torch.randn(Bn, k, ell, generator=generator, dtype=torch.float64).to(device))
     hist: list[torch.Tensor] = []
     est = torch.full((Bn, rank), math.inf, dtype=torch.float64)
     rel = torch.full((Bn, rank), math.inf, dtype=torch.float64)
@@ -367,9 +373,12 @@ def bottom_r(
             def inv_W(X: torch.Tensor, LU=LU, piv=piv) -> torch.Tensor:  # (W Wᵀ)⁻¹
                 return torch.linalg.lu_solve(LU, piv, torch.linalg.lu_solve(LU, piv, X), adjoint=True)
 
-            kW = (_power_norm(lambda X: W64 @ (Wt64 @ X), (Bn, n)) * _power_norm(inv_W, (Bn, n))).sqrt()
-            kC = _power_norm(lambda X: C64 @ X, (Bn, n)) * _power_norm(
-                lambda X, Lc=Lc: torch.cholesky_solve(X, Lc), (Bn, n)
+            dev = W.device
+            kW = (
+                _power_norm(lambda X: W64 @ (Wt64 @ X), (Bn, n), device=dev) * _power_norm(inv_W, (Bn, n), device=dev)
+            ).sqrt()
+            kC = _power_norm(lambda X: C64 @ X, (Bn, n), device=dev) * _power_norm(
+                lambda X, Lc=Lc: torch.cholesky_solve(X, Lc), (Bn, n), device=dev
             )
             growth = (LU.abs().amax((-2, -1)) / W64.abs().amax((-2, -1))).cpu()
             factor_err = c * eps * (growth * kW * kC + kC)
@@ -377,7 +386,8 @@ def bottom_r(
         elif factor in ("gram", "qr"):
             if A_full is None:
                 A_full = C64 @ Wt64 if wide else W64 @ C64  # tall (R, k): Mᵀ or M
-                norm2 = _power_norm(lambda X, A=A_full: A.transpose(-1, -2) @ (A @ X), (Bn, k)).sqrt() * 1.01
+                AtA = lambda X, A=A_full: A.transpose(-1, -2) @ (A @ X)  # noqa: E731
+                norm2 = _power_norm(AtA, (Bn, k), device=W.device).sqrt() * 1.01
             if factor == "gram":
                 F, info = torch.linalg.cholesky_ex(A_full.transpose(-1, -2) @ A_full, upper=True)
                 if bool((info != 0).any()):
@@ -393,7 +403,7 @@ def bottom_r(
             def apply_ritz(X: torch.Tensor, F=F) -> torch.Tensor:
                 return F @ X
 
-            smin = _power_norm(apply_inv, (Bn, k)).rsqrt()
+            smin = _power_norm(apply_inv, (Bn, k), device=W.device).rsqrt()
             assert norm2 is not None
             factor_err = c * eps * (norm2 / smin) ** (2 if factor == "gram" else 1)
         else:
@@ -402,7 +412,16 @@ def bottom_r(
             tried.append(f"{factor}: a-priori factor error {float(factor_err.max()):.2g} > {certify:g}")
             continue
         X, Pv, S, rel, it, est = _bottom_iterate(
-            apply_inv, apply_ritz, apply_A, (Bn, k), rank, ell, tol=tol, max_iters=max_iters, generator=generator
+            apply_inv,
+            apply_ritz,
+            apply_A,
+            (Bn, k),
+            rank,
+            ell,
+            tol=tol,
+            max_iters=max_iters,
+            generator=generator,
+            device=W.device,
         )
         bound = factor_err + rel.amax(-1) / 2
         if bool((bound <= certify).all()):

@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> None:
         rows[name] = compare_triplets(triplets_from_adapter(At, Bt, s), triplets_from_adapter(Ar, Br, s))
     print("| layer | sv rel err | U cos min | V cos min | s·B·A rel diff |\n|---|---|---|---|---|")
     for name, c in rows.items():
-        print(f"| {name} | {c['sv_rel_err']:.2e} | {c['u_cos_min']:.6f} | {c['v_cos_min']:.6f} | "
-              f"{c['product_rel_err']:.2e} |")
+        print(
+            f"| {name} | {c['sv_rel_err']:.2e} | {c['u_cos_min']:.6f} | {c['v_cos_min']:.6f} | "
+            f"{c['product_rel_err']:.2e} |"
+        )
     for key in ("sv_rel_err", "u_cos_min", "product_rel_err"):
         vals = [c[key] for c in rows.values()]
         worst = min(vals) if key == "u_cos_min" else max(vals)
