@@ -236,6 +236,9 @@ def top_r(
 # ---------------------------------------------------------------------------------------------
 # bottom r (KPM)
 # ---------------------------------------------------------------------------------------------
+_tri = torch.linalg.solve_triangular
+
+
 def _power_norm(
     apply: Callable[[torch.Tensor], torch.Tensor],
     shape: tuple[int, int],
@@ -366,20 +369,34 @@ def bottom_r(
                 tried.append("lu: W singular or C not positive definite in float64")
                 continue
 
-            def apply_inv(X: torch.Tensor, LU=LU, piv=piv, Lc=Lc) -> torch.Tensor:  # (M Mᵀ)⁻¹ = W⁻ᵀ C⁻² W⁻¹
-                Y = torch.cholesky_solve(torch.cholesky_solve(torch.linalg.lu_solve(LU, piv, X), Lc), Lc)
-                return torch.linalg.lu_solve(LU, piv, Y, adjoint=True)
+            # explicit triangular factors (lu_solve / cholesky_solve copy their factor on every call)
+            P, Lw, Uw = torch.lu_unpack(LU, piv)  # W = P Lw Uw
+            perm, iperm = P.argmax(-2), P.argmax(-1)
+            LwT, UwT, LcT = (t.transpose(-1, -2).contiguous() for t in (Lw, Uw, Lc))
 
-            def inv_W(X: torch.Tensor, LU=LU, piv=piv) -> torch.Tensor:  # (W Wᵀ)⁻¹
-                return torch.linalg.lu_solve(LU, piv, torch.linalg.lu_solve(LU, piv, X), adjoint=True)
+            def rows(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+                return torch.gather(X, -2, idx.unsqueeze(-1).expand(-1, -1, X.shape[-1]))
+
+            def w_inv(X: torch.Tensor, Lw=Lw, Uw=Uw, perm=perm) -> torch.Tensor:  # W⁻¹ = Uw⁻¹ Lw⁻¹ Pᵀ
+                return _tri(Uw, _tri(Lw, rows(X, perm), upper=False, unitriangular=True), upper=True)
+
+            def w_inv_t(X: torch.Tensor, LwT=LwT, UwT=UwT, iperm=iperm) -> torch.Tensor:  # W⁻ᵀ = P Lw⁻ᵀ Uw⁻ᵀ
+                return rows(_tri(LwT, _tri(UwT, X, upper=False), upper=True, unitriangular=True), iperm)
+
+            def c_inv(X: torch.Tensor, Lc=Lc, LcT=LcT) -> torch.Tensor:  # C⁻¹ = Lc⁻ᵀ Lc⁻¹
+                return _tri(LcT, _tri(Lc, X, upper=False), upper=True)
+
+            def apply_inv(X: torch.Tensor, w_inv=w_inv, w_inv_t=w_inv_t, c_inv=c_inv) -> torch.Tensor:
+                return w_inv_t(c_inv(c_inv(w_inv(X))))  # (M Mᵀ)⁻¹ = W⁻ᵀ C⁻² W⁻¹
+
+            def inv_W(X: torch.Tensor, w_inv=w_inv, w_inv_t=w_inv_t) -> torch.Tensor:  # (W Wᵀ)⁻¹
+                return w_inv_t(w_inv(X))
 
             dev = W.device
             kW = (
                 _power_norm(lambda X: W64 @ (Wt64 @ X), (Bn, n), device=dev) * _power_norm(inv_W, (Bn, n), device=dev)
             ).sqrt()
-            kC = _power_norm(lambda X: C64 @ X, (Bn, n), device=dev) * _power_norm(
-                lambda X, Lc=Lc: torch.cholesky_solve(X, Lc), (Bn, n), device=dev
-            )
+            kC = _power_norm(lambda X: C64 @ X, (Bn, n), device=dev) * _power_norm(c_inv, (Bn, n), device=dev)
             growth = (LU.abs().amax((-2, -1)) / W64.abs().amax((-2, -1))).cpu()
             factor_err = c * eps * (growth * kW * kC + kC)
             apply_ritz = apply_A
@@ -396,8 +413,10 @@ def bottom_r(
             else:
                 F = torch.linalg.qr(A_full, mode="r").R
 
-            def apply_inv(X: torch.Tensor, F=F) -> torch.Tensor:  # (FᵀF)⁻¹
-                Y = torch.linalg.solve_triangular(F.transpose(-1, -2), X, upper=False)
+            Ft = F.transpose(-1, -2).contiguous()
+
+            def apply_inv(X: torch.Tensor, F=F, Ft=Ft) -> torch.Tensor:  # (FᵀF)⁻¹
+                Y = torch.linalg.solve_triangular(Ft, X, upper=False)
                 return torch.linalg.solve_triangular(F, Y, upper=True)
 
             def apply_ritz(X: torch.Tensor, F=F) -> torch.Tensor:
