@@ -62,7 +62,7 @@ def decompose_layers(
     """Yield each target layer's cropped CO-SVD (IPM: top ``r``, KPM: bottom ``r``).
 
     Same-shaped layers of a damping chunk go through :func:`cosvd` as one batch.
-    ``info["method"]`` is the method actually used (``fast-ipm``, ``fast-kpm-gram``,
+    ``info["method"]`` is the method actually used (``fast-ipm``, ``fast-kpm-lu``, ``fast-kpm-gram``,
     ``fast-kpm-qr``, ``exact-fallback`` or ``exact``), ``info["accuracy"]`` its estimates.
     """
     which = which_for(corda_method)
