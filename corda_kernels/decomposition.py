@@ -64,14 +64,18 @@ def cosvd(
     *,
     rank: int | None = None,
     which: Which = "all",
-    method: str = "exact",
+    method: str = "fast",
     C_fix: torch.Tensor | None = None,
+    info: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CO-SVD of ``W`` ``(m, n)`` under covariance ``C`` ``(n, n)``; batches ``(B, m, n)`` too.
 
     ``C`` is damped by the CorDA rule (:func:`damped_inverse`) unless ``C_fix`` is given.
     Returns ``(U, S, V)``: ``U`` ``(m, r)``, ``S`` ``(r,)`` descending, ``V`` ``(n, r)`` float32,
     the ``rank`` largest (``which="top"``), smallest (``"bottom"``) or all ``k`` triplets.
+    ``method="fast"`` (default) takes :mod:`corda_kernels.fast_cosvd` for ``top``/``bottom``
+    (``all`` is always exact); a dict passed as ``info`` receives the method used and its
+    accuracy estimate.
     """
     if which not in ("top", "bottom", "all"):
         raise ValueError(f"cosvd: which must be 'top', 'bottom' or 'all', got {which!r}")
@@ -86,6 +90,11 @@ def cosvd(
         C_fix = damped_inverse(C.float())[0]
     fast = _FAST.get("cosvd")
     if method == "fast" and fast is not None and which != "all":
-        return fast(W, C_fix, rank=rank, which=which)  # type: ignore[operator]
+        return fast(W, C_fix, rank=rank, which=which, info=info)  # type: ignore[operator]
+    if info is not None:
+        info["method"] = "exact"
     U, S, V = torch.ops.corda_kernels.cosvd_full(W, C_fix)
     return select(U, S, V, rank, which)
+
+
+from . import fast_cosvd as _fast_cosvd  # noqa: E402,F401  (registers _FAST["cosvd"])

@@ -64,12 +64,15 @@ def decompose_layers(
     ranks: dict[str, int],
     corda_method: str,
     *,
-    method: str = "exact",
+    method: str = "fast",
     progress: bool = True,
 ) -> Iterator[LayerResult]:
     """Yield each layer's cropped CO-SVD (IPM: top ``r``, KPM: bottom ``r``), grouped by covariance.
 
     ``covariances`` maps layer name → ``(n, n)`` covariance (shared tensors are damped once).
+    Same-shaped layers of a damping chunk go through :func:`cosvd` as one batch.
+    ``info["method"]`` is the method actually used (``fast-ipm``, ``fast-kpm-lu``, ``fast-kpm-gram``,
+    ``fast-kpm-qr``, ``exact-fallback`` or ``exact``), ``info["accuracy"]`` its estimates.
     """
     which = which_for(corda_method)
     check_ranks(modules, ranks)
@@ -92,20 +95,34 @@ def decompose_layers(
             except ValueError as err:
                 bad = [names for C, names in chunk if not bool(torch.isfinite(C).all())]
                 raise ValueError(f"layer(s) {', '.join(bad[0]) if bad else '?'}: {err}") from err
-            damp_time = time.perf_counter() - t0
+            damp_time = (time.perf_counter() - t0) / len(chunk)
+            # same-shaped layers of the chunk (same rank) go through cosvd as one batch
+            batches: dict[tuple, list[tuple[str, int]]] = {}
             for i, (_, names) in enumerate(chunk):
                 for name in names:
-                    t1 = time.perf_counter()
-                    W = linear_weight(modules[name]).detach()
-                    U, S, V = cosvd(W, C_fix[i], rank=ranks[name], which=which, C_fix=C_fix[i], method=method)
+                    key = (tuple(linear_weight(modules[name]).shape), ranks[name])
+                    batches.setdefault(key, []).append((name, i))
+            for (shape, r), members in batches.items():
+                t1 = time.perf_counter()
+                W = torch.stack([linear_weight(modules[name]).detach() for name, _ in members])
+                Cb = C_fix[[i for _, i in members]]
+                meta: dict = {}
+                U, S, V = cosvd(W, Cb, rank=r, which=which, C_fix=Cb, method=method, info=meta)
+                per_layer = (time.perf_counter() - t1) / len(members)
+                del W, Cb
+                for j, (name, i) in enumerate(members):
+                    acc_info = dict(meta["batch"][j] if "batch" in meta else meta)
                     info = {
-                        "shape": list(W.shape),
-                        "rank": ranks[name],
+                        "shape": list(shape),
+                        "rank": r,
                         "damp": float(damps[i]),
-                        "method": method,
-                        "time_s": time.perf_counter() - t1 + damp_time / len(chunk) / len(names),
+                        "method": acc_info.pop("method", method),
+                        "accuracy": acc_info,
+                        "batch": len(members),
+                        "time_s": per_layer + damp_time / len(chunk[i][1]),
                     }
-                    yield LayerResult(name, U, S, V, float(damps[i]), info)
+                    yield LayerResult(name, U[j].clone(), S[j].clone(), V[j].clone(), float(damps[i]), info)
                     bar.update(1)
+                del U, S, V
             del C_fix
     bar.close()

@@ -1,0 +1,585 @@
+"""Fast CO-SVD: the top ``r`` (IPM) or bottom ``r`` (KPM) triplets of ``M = W·C_fix`` only.
+
+Shapes: ``W`` ``(m, n)`` or a batch ``(B, m, n)`` of same-shaped layers, ``C_fix`` ``(n, n)`` /
+``(B, n, n)`` (already damped, symmetric positive definite); ``k = min(m, n)``. Every entry
+point returns float32 ``U`` ``(…, m, r)``, ``S`` ``(…, r)`` descending and ``V`` ``(…, n, r)``
+with ``V = (Vh·C_fix⁻¹)ᵀ`` restricted to the chosen triplets (DESIGN §3.3), plus a list of
+per-matrix ``info`` dicts (method, iterations, accuracy estimates).
+
+Top ``r`` (:func:`top_r`): randomized subspace iteration on ``M`` applied implicitly as
+``W·(C·X)`` / ``C·(Wᵀ·Y)`` in float32, ``l = r + p`` columns, re-orthonormalized every step.
+Each step is also a Rayleigh–Ritz step, so it yields the Ritz values ``σ̃_1..σ̃_l`` (lower
+bounds of ``σ_i`` that increase monotonically) and the Ritz residuals ``‖M v_i − σ̃_i u_i‖``
+for free. Stopping is adaptive, on either of two criteria for every ``i ≤ r``: the relative
+residual below ``tol`` (vectors converged; reached whenever ``σ_r/σ_{r+p+1}`` is not ~1,
+whatever the gap at ``r``, thanks to the oversampling), or the estimated remaining relative
+change of the Ritz value (last change times ``ρ/(1−ρ)``, ``ρ`` the observed contraction)
+below ``tol/100`` — the values, and with them the captured energy
+``Σ_{i≤r} σ̃_i² = ‖P_r M‖_F²``, converge with or without any gap, so this criterion stops flat
+spectra (it must hold on two consecutive steps). The tolerances are raised to float32's
+resolution (``30·u₃₂·σ̃_1/σ̃_i`` for residuals, ``u₃₂·σ̃_1/σ̃_i`` for values); capped iterations.
+A final Rayleigh–Ritz step in float64 gives the triplets and a posterior residual bound
+``max_i ‖M v_i − σ̃_i u_i‖/σ̃_i`` (some singular value of ``M`` lies within it of each ``σ̃_i``).
+
+Bottom ``r`` (:func:`bottom_r`): everything in float64 (PEFT's fp32 product + fp32 SVD cannot
+resolve the bottom of a spectrum spanning 6–8 decades). ``A`` is the tall orientation of
+``M`` (``Mᵀ`` for ``m ≤ n``: the wanted vectors are ``U``; ``M`` for ``m > n``: ``V``). Block
+inverse subspace iteration ``X ← orth((AᵀA)⁻¹X)`` with ``l = r + p`` columns, the inverse
+applied through a factorization, tried in this order where it applies:
+
+* ``lu`` (square ``W``, thin blocks): ``(MMᵀ)⁻¹ = W⁻ᵀC⁻²W⁻¹`` from an LU of ``W`` and a Cholesky
+  of ``C`` — ``M`` is never formed;
+* ``gram``: the Cholesky factor ``F`` of the float64 Gram matrix ``AᵀA`` (one GEMM), accurate
+  only to ``ε₆₄·κ(M)²`` (fails for real q_proj layers, ``κ ≈ 1e8``);
+* ``qr``: the ``R`` of a float64 Householder QR of ``A``, accurate to ``ε₆₄·κ(M)``.
+
+A factor whose a-priori error (from cheap power-iteration estimates of the condition numbers)
+exceeds the certification level is skipped. The iteration stops when the eigen-residuals of
+the Ritz vectors for the inverse operator are below ``tol`` (these are measurable to
+``ε·κ``; a residual with ``AᵀA`` itself is not measurable below ``ε·κ²``) or the Ritz values
+stall. The estimate ``factor error + residual/2`` bounds the relative error of the bottom
+singular values; if it exceeds ``certify`` for every factor, the exact full SVD is taken and
+``info["method"] = "exact-fallback"`` records it. The values are finally measured with the
+exact float64 ``M``.
+
+In both paths ``V = Wᵀ·U·diag(S)⁻¹``: for a Ritz pair with ``Mᵀu = σ̃ v`` exactly (how they
+are built) this *is* ``C_fix⁻¹v``, and ``U diag(S) Vᵀ = U Uᵀ W``, the projection of ``W``.
+For ``m > n`` (bottom) ``V = C_fix⁻¹ v`` is a Cholesky solve.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .decomposition import _FAST, select
+
+TOP_TOL = 1e-4  # target relative accuracy of the top-r singular values (the tests ask 1e-3)
+BOTTOM_TOL = 1e-4  # target eigen-residual of the bottom-r Ritz vectors (the tests ask 5e-3 on values)
+BOTTOM_CERTIFY = 2e-3  # a bottom result whose estimated relative σ error exceeds this is not accepted
+
+
+def default_oversample(rank: int, k: int) -> int:
+    """Oversampling ``p`` for the subspace iterations: ``r/2 + 8``, capped so that ``r + p ≤ k``."""
+    return max(0, min(rank // 2 + 8, k - rank))
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run small LAPACK calls (``l×l`` eigh / Cholesky) on one thread.
+
+    MKL's multi-threaded ``syevd`` / ``potrf`` on a 200×200 matrix can take seconds on a busy
+    machine (measured 4.5 s against 12 ms single-threaded on 2 shared cores).
+    """
+    before = torch.get_num_threads()
+    if before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before > 1:
+            torch.set_num_threads(before)
+
+
+def _orth(Y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of ``Y`` ``(B, d, l)`` in ``Y``'s dtype.
+
+    Columns are normalized first (the iterations scale them by very different factors), then
+    CholeskyQR2 with the Gram matrices in float64 (BLAS-3, much faster on CPU than LAPACK's
+    tall-skinny QR); Householder QR where the Cholesky fails (a nearly dependent block).
+    """
+    Yn = Y / Y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
+    Q = Yn.double()
+    for _ in range(2):
+        G = Q.transpose(-1, -2) @ Q
+        with _one_thread():
+            L, info = torch.linalg.cholesky_ex(G)
+        if bool((info != 0).any()):
+            return torch.linalg.qr(Yn).Q
+        Q = torch.linalg.solve_triangular(L.transpose(-1, -2), Q, upper=True, left=False)
+    return Q.to(Y.dtype)
+
+
+def _ritz(Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right singular structure of a tall ``Z`` ``(B, d, l)`` from its float64 Gram matrix.
+
+    Returns ``(S, Yt)``: ``S`` ``(B, l)`` descending with ``S_i = ‖Z ỹ_i‖`` (computed from the
+    product, not from the squared eigenvalue) and ``Yt`` ``(B, l, l)`` orthogonal (columns ỹ_i),
+    so ``Z Yt`` has orthogonal columns of norms ``S``. Used for Rayleigh–Ritz; the squaring only
+    affects vectors inside the block, whose values are re-measured.
+    """
+    Z64 = Z.double()
+    G = Z64.transpose(-1, -2) @ Z64
+    with _one_thread():
+        _, Yt = torch.linalg.eigh(G)
+    Yt = Yt.flip(-1)
+    S = (Z64 @ Yt).norm(dim=-2)
+    return S, Yt
+
+
+def _estimate_remaining(hist: list[torch.Tensor]) -> torch.Tensor:
+    """Extrapolated remaining relative change of each Ritz value, ``(B, r)``.
+
+    ``hist`` holds the Ritz values ``(B, r)`` of successive iterations. With the last two
+    relative changes ``d_j``, ``d_{j-1}`` and ``ρ = d_j/d_{j-1}`` (clipped to 0.9) the remaining
+    change of a geometric sequence is ``d_j·ρ/(1−ρ)``; the estimate is ``max(that, d_j)``.
+    """
+    if len(hist) < 3:
+        return torch.full(hist[-1].shape, math.inf, dtype=torch.float64)
+    a, b, c = (h.double() for h in hist[-3:])
+    d1 = (b - a).abs() / c.abs().clamp_min(1e-300)
+    d2 = (c - b).abs() / c.abs().clamp_min(1e-300)
+    rho = (d2 / d1.clamp_min(1e-300)).clamp(0.0, 0.9)
+    return torch.maximum(d2 * rho / (1 - rho), d2)
+
+
+# ---------------------------------------------------------------------------------------------
+# top r (IPM)
+# ---------------------------------------------------------------------------------------------
+def top_r(
+    W: torch.Tensor,
+    C_fix: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int | None = None,
+    tol: float = TOP_TOL,
+    max_iters: int = 40,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict]]:
+    """Top-``rank`` CO-SVD triplets by adaptive randomized subspace iteration (see module doc).
+
+    ``W`` ``(B, m, n)``, ``C_fix`` ``(B, n, n)`` (any float dtype; iterations in float32, the
+    final Rayleigh–Ritz step and ``V`` in float64). Returns float32 ``U`` ``(B, m, r)``,
+    ``S`` ``(B, r)`` descending, ``V`` ``(B, n, r)`` and one info dict per matrix.
+    """
+    Bn, m, n = W.shape
+    k = min(m, n)
+    p = default_oversample(rank, k) if oversample is None else max(0, min(oversample, k - rank))
+    ell = rank + p
+    W32 = W.float()
+    C32 = C_fix.float()
+    dev = W.device
+
+    # M applied implicitly costs 2·l·(n² + m·n) per iteration, explicitly 2·l·m·n after m·n²
+    # once: form it when m < 12·l (about six iterations amortize it).
+    M32 = W32 @ C32 if m < 12 * ell else None
+
+    def mv(X: torch.Tensor) -> torch.Tensor:  # M X = W (C X)
+        return M32 @ X if M32 is not None else W32 @ (C32 @ X)
+
+    def mtv(Y: torch.Tensor) -> torch.Tensor:  # Mᵀ Y = C (Wᵀ Y)
+        return M32.transpose(-1, -2) @ Y if M32 is not None else C32 @ (W32.transpose(-1, -2) @ Y)
+
+    omega = torch.randn(Bn, n, ell, generator=generator, dtype=torch.float32, device="cpu").to(dev)
+    Q = _orth(mv(omega))
+    hist: list[torch.Tensor] = []
+    iters = 0
+    est = torch.full((Bn, rank), math.inf, dtype=torch.float64)
+    u32 = torch.finfo(torch.float32).eps / 2
+    stall_prev = torch.zeros(Bn, dtype=torch.bool)
+    while iters < max_iters:
+        iters += 1
+        Z = mtv(Q)  # (B, n, l) = Mᵀ Q
+        S, Yt = _ritz(Z)  # Ritz values S; u_i = Q ỹ_i, v_i = Z ỹ_i / σ_i
+        Yt = Yt.float()
+        Y = mv(Z) @ Yt  # M Mᵀ Q, rotated to the Ritz basis: column i ≈ σ_i² u_i
+        Sr = S[..., :rank].float().clamp_min(torch.finfo(torch.float32).tiny)
+        # Ritz pair i: M v − σ u = Y_i/σ − σ Q ỹ_i
+        res = Y[..., :rank] / Sr.unsqueeze(-2) - (Q @ Yt[..., :rank]) * Sr.unsqueeze(-2)
+        rel_res = (res.norm(dim=-2) / Sr).double().cpu()
+        Sc = S[..., :rank].cpu()
+        hist.append(Sc)
+        est = _estimate_remaining(hist)
+        Q = _orth(Y)
+        # float32 cannot resolve σ_i better than ~ε₃₂·σ_1: no criterion below that floor
+        kappa = Sc[..., :1] / Sc.clamp_min(1e-300)
+        res_ok = (rel_res <= torch.clamp(30 * u32 * kappa, min=tol)).all(-1)
+        val_ok = (est <= torch.clamp(u32 * kappa, min=tol * 1e-2)).all(-1)
+        stall = val_ok & stall_prev  # two consecutive iterations: one noisy ρ must not stop it
+        stall_prev = val_ok
+        if bool((res_ok | stall).all()):
+            break
+    # final Rayleigh–Ritz in float64 on the converged basis
+    W64 = W.double()
+    C64 = C_fix.double()
+    Q64 = _orth(Q.double())
+    Z = C64 @ (W64.transpose(-1, -2) @ Q64)  # Mᵀ Q
+    S, Yt = _ritz(Z)
+    Yt = Yt[..., :rank]
+    U = Q64 @ Yt
+    Sr = S[..., :rank]
+    Pr = (Z @ Yt) / Sr.unsqueeze(-2)  # v_i: Mᵀ u_i = σ_i v_i
+    V = (W64.transpose(-1, -2) @ U) / Sr.unsqueeze(-2)  # = C⁻¹ v exactly for these Ritz pairs
+    res = W64 @ (C64 @ Pr) - U * Sr.unsqueeze(-2)
+    rel_res = (res.norm(dim=-2) / Sr).cpu()
+    infos = []
+    for b in range(Bn):
+        s_next = float(S[b, rank]) if S.shape[-1] > rank else 0.0
+        gap = float(Sr[b, -1]) - s_next
+        res_f = float(res[b].norm())
+        infos.append(
+            {
+                "method": "fast-ipm",
+                "iterations": iters,
+                "oversample": p,
+                "sv_rel_bound": float(rel_res[b].max()),
+                "sv_change_est": float(est[b].max()),
+                "subspace_sin_est": res_f / gap if gap > 0 else math.inf,
+            }
+        )
+    return U.float(), Sr.float(), V.float(), infos
+
+
+# ---------------------------------------------------------------------------------------------
+# bottom r (KPM)
+# ---------------------------------------------------------------------------------------------
+_tri = torch.linalg.solve_triangular
+
+
+def _power_norm(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    shape: tuple[int, int],
+    iters: int = 8,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """``‖op‖₂`` estimate ``(B,)`` (on the CPU) of a symmetric positive operator ``apply`` on ``(B, d, 1)``."""
+    x = torch.ones(*shape, 1, dtype=torch.float64, device=device)
+    lam = torch.zeros(shape[0], dtype=torch.float64, device=device)
+    for _ in range(iters):
+        y = apply(x)
+        lam = y.norm(dim=(-2, -1))
+        x = y / lam.view(-1, 1, 1).clamp_min(1e-300)
+    return lam.cpu()
+
+
+def _bottom_iterate(
+    apply_inv: Callable[[torch.Tensor], torch.Tensor],
+    apply_ritz: Callable[[torch.Tensor], torch.Tensor],
+    apply_A: Callable[[torch.Tensor], torch.Tensor],
+    shape: tuple[int, int],
+    rank: int,
+    ell: int,
+    *,
+    tol: float,
+    max_iters: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Block inverse subspace iteration for the bottom right singular vectors of a tall ``A``.
+
+    ``shape = (B, k)``; ``apply_inv(X)`` ≈ ``(AᵀA)⁻¹X`` (triangular / LU solves),
+    ``apply_ritz(X)`` a matrix ``G X`` with ``GᵀG ≈ AᵀA`` for the Rayleigh–Ritz steps, and
+    ``apply_A(X)`` the exact float64 ``A X`` for the final values. Returns ``X`` ``(B, k, r)``
+    (ascending σ), ``P = A X / σ``, ``S`` ``(B, r)`` ascending, the relative eigen-residuals of
+    the Ritz vectors for the inverse operator ``(B, r)`` (``‖T x − μ x‖/μ``, ``μ = xᵀ T x``;
+    measurable to ``ε·κ``, unlike a residual with ``AᵀA`` itself, ``ε·κ²``), the iteration
+    count and the extrapolated remaining change of the Ritz values ``(B, r)``.
+    """
+    Bn, k = shape
+    X = _orth(torch.randn(Bn, k, ell, generator=generator, dtype=torch.float64).to(device))
+    hist: list[torch.Tensor] = []
+    est = torch.full((Bn, rank), math.inf, dtype=torch.float64)
+    rel = torch.full((Bn, rank), math.inf, dtype=torch.float64)
+    S = None
+    it = 0
+    for it in range(max_iters + 1):
+        T = apply_inv(X)
+        if it > 0:  # X holds the Ritz vectors of the previous step, ascending
+            Xr, Tr = X[..., :rank], T[..., :rank]
+            mu = (Xr * Tr).sum(-2, keepdim=True)
+            rel = ((Tr - Xr * mu).norm(dim=-2) / mu.squeeze(-2).abs()).cpu()
+            est = _estimate_remaining(hist)
+            if bool(((rel.amax(-1) <= tol) | (est.amax(-1) <= 1e-2 * tol * tol)).all()) or it == max_iters:
+                break
+        X = _orth(T)
+        S, Yt = _ritz(apply_ritz(X))
+        Yt, S = Yt.flip(-1), S.flip(-1)  # ascending σ̃
+        X = X @ Yt  # Ritz vectors
+        hist.append(S[..., :rank].cpu())
+    assert S is not None
+    # final values and left vectors from the exact A: A x_i = σ_i p_i
+    Z = apply_A(X[..., :rank])
+    S = Z.norm(dim=-2)
+    return X[..., :rank], Z / S.unsqueeze(-2), S, rel, it, est
+
+
+def bottom_r(
+    W: torch.Tensor,
+    C_fix: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int | None = None,
+    tol: float = BOTTOM_TOL,
+    certify: float = BOTTOM_CERTIFY,
+    max_iters: int = 60,
+    generator: torch.Generator | None = None,
+    factors: tuple[str, ...] = ("lu", "gram", "qr"),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict]]:
+    """Bottom-``rank`` CO-SVD triplets in float64 with an accuracy estimate (see module doc).
+
+    ``W`` ``(B, m, n)``, ``C_fix`` ``(B, n, n)``. Tries the factorizations in ``factors`` order
+    and accepts the first whose estimated bound ``factor error + iteration residual / 2`` on
+    the relative error of every bottom singular value is ``≤ certify`` for every matrix of the
+    batch; a factor whose a-priori error already exceeds ``certify`` is skipped unused:
+
+    * ``"lu"`` (square ``W`` and ``r + p ≤ n/30`` only): ``M⁻¹ = C⁻¹W⁻¹`` from an LU of ``W`` and
+      a Cholesky of ``C`` (``n³`` flops, ``M`` never formed), error ``≈ c·ε·(g·κ(W)·κ(C) + κ(C))``;
+    * ``"gram"``: Cholesky of the float64 Gram matrix of ``M``, error ``≈ c·ε·κ(M)²``;
+    * ``"qr"``: R of a float64 Householder QR of ``M``, error ``≈ c·ε·κ(M)``;
+
+    (``κ(M) = ‖M‖₂/σ_min``, ``c = √R + √k``, ``g`` the LU growth). Otherwise the exact full SVD
+    is taken (``info["method"] = "exact-fallback"``). Returns float32 ``U`` ``(B, m, r)``,
+    ``S`` ``(B, r)`` descending, ``V`` ``(B, n, r)`` and info dicts.
+    """
+    Bn, m, n = W.shape
+    k = min(m, n)
+    p = default_oversample(rank, k) if oversample is None else max(0, min(oversample, k - rank))
+    ell = rank + p
+    W64 = W.double()
+    C64 = C_fix.double()
+    Wt64 = W64.transpose(-1, -2)
+    wide = m <= n
+    R = max(m, n)
+    eps = torch.finfo(torch.float64).eps
+    c = math.sqrt(R) + math.sqrt(k)
+    if wide:  # A = Mᵀ = C Wᵀ (n×m), AᵀA = M Mᵀ
+
+        def apply_A(X: torch.Tensor) -> torch.Tensor:
+            return C64 @ (Wt64 @ X)
+    else:  # A = M = W C (m×n)
+
+        def apply_A(X: torch.Tensor) -> torch.Tensor:
+            return W64 @ (C64 @ X)
+
+    A_full: torch.Tensor | None = None
+    norm2: torch.Tensor | None = None
+    tried: list[str] = []
+    for factor in factors:
+        if factor == "lu":
+            # ~10 steps of 8 triangular solves on l columns cost ~80·n²·l flops, forming M and its
+            # Gram matrix ~4·n³: the LU path only pays off for thin blocks (l ≤ n/30)
+            if m != n or 30 * ell > n:
+                continue
+            LU, piv, info = torch.linalg.lu_factor_ex(W64)
+            Lc, info_c = torch.linalg.cholesky_ex(C64)
+            if bool((info != 0).any() | (info_c != 0).any()):
+                tried.append("lu: W singular or C not positive definite in float64")
+                continue
+
+            # explicit triangular factors (lu_solve / cholesky_solve copy their factor on every call)
+            P, Lw, Uw = torch.lu_unpack(LU, piv)  # W = P Lw Uw
+            perm, iperm = P.argmax(-2), P.argmax(-1)
+            LwT, UwT, LcT = (t.transpose(-1, -2).contiguous() for t in (Lw, Uw, Lc))
+
+            def rows(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+                return torch.gather(X, -2, idx.unsqueeze(-1).expand(-1, -1, X.shape[-1]))
+
+            def w_inv(X: torch.Tensor, Lw=Lw, Uw=Uw, perm=perm) -> torch.Tensor:  # W⁻¹ = Uw⁻¹ Lw⁻¹ Pᵀ
+                return _tri(Uw, _tri(Lw, rows(X, perm), upper=False, unitriangular=True), upper=True)
+
+            def w_inv_t(X: torch.Tensor, LwT=LwT, UwT=UwT, iperm=iperm) -> torch.Tensor:  # W⁻ᵀ = P Lw⁻ᵀ Uw⁻ᵀ
+                return rows(_tri(LwT, _tri(UwT, X, upper=False), upper=True, unitriangular=True), iperm)
+
+            def c_inv(X: torch.Tensor, Lc=Lc, LcT=LcT) -> torch.Tensor:  # C⁻¹ = Lc⁻ᵀ Lc⁻¹
+                return _tri(LcT, _tri(Lc, X, upper=False), upper=True)
+
+            def apply_inv(X: torch.Tensor, w_inv=w_inv, w_inv_t=w_inv_t, c_inv=c_inv) -> torch.Tensor:
+                return w_inv_t(c_inv(c_inv(w_inv(X))))  # (M Mᵀ)⁻¹ = W⁻ᵀ C⁻² W⁻¹
+
+            def inv_W(X: torch.Tensor, w_inv=w_inv, w_inv_t=w_inv_t) -> torch.Tensor:  # (W Wᵀ)⁻¹
+                return w_inv_t(w_inv(X))
+
+            dev = W.device
+            kW = (
+                _power_norm(lambda X: W64 @ (Wt64 @ X), (Bn, n), device=dev) * _power_norm(inv_W, (Bn, n), device=dev)
+            ).sqrt()
+            kC = _power_norm(lambda X: C64 @ X, (Bn, n), device=dev) * _power_norm(c_inv, (Bn, n), device=dev)
+            growth = (LU.abs().amax((-2, -1)) / W64.abs().amax((-2, -1))).cpu()
+            factor_err = c * eps * (growth * kW * kC + kC)
+            apply_ritz = apply_A
+        elif factor in ("gram", "qr"):
+            if A_full is None:
+                A_full = C64 @ Wt64 if wide else W64 @ C64  # tall (R, k): Mᵀ or M
+                AtA = lambda X, A=A_full: A.transpose(-1, -2) @ (A @ X)  # noqa: E731
+                norm2 = _power_norm(AtA, (Bn, k), device=W.device).sqrt() * 1.01
+            if factor == "gram":
+                F, info = torch.linalg.cholesky_ex(A_full.transpose(-1, -2) @ A_full, upper=True)
+                if bool((info != 0).any()):
+                    tried.append("gram: not positive definite in float64")
+                    continue
+            else:
+                F = torch.linalg.qr(A_full, mode="r").R
+
+            Ft = F.transpose(-1, -2).contiguous()
+
+            def apply_inv(X: torch.Tensor, F=F, Ft=Ft) -> torch.Tensor:  # (FᵀF)⁻¹
+                Y = torch.linalg.solve_triangular(Ft, X, upper=False)
+                return torch.linalg.solve_triangular(F, Y, upper=True)
+
+            def apply_ritz(X: torch.Tensor, F=F) -> torch.Tensor:
+                return F @ X
+
+            smin = _power_norm(apply_inv, (Bn, k), device=W.device).rsqrt()
+            assert norm2 is not None
+            factor_err = c * eps * (norm2 / smin) ** (2 if factor == "gram" else 1)
+        else:
+            raise ValueError(f"bottom_r: unknown factor {factor!r}")
+        if bool((factor_err > certify).any()):
+            tried.append(f"{factor}: a-priori factor error {float(factor_err.max()):.2g} > {certify:g}")
+            continue
+        X, Pv, S, rel, it, est = _bottom_iterate(
+            apply_inv,
+            apply_ritz,
+            apply_A,
+            (Bn, k),
+            rank,
+            ell,
+            tol=tol,
+            max_iters=max_iters,
+            generator=generator,
+            device=W.device,
+        )
+        bound = factor_err + rel.amax(-1) / 2
+        if bool((bound <= certify).all()):
+            X, Pv, S = X.flip(-1), Pv.flip(-1), S.flip(-1)  # descending
+            if wide:
+                U = X
+                V = (Wt64 @ U) / S.unsqueeze(-2)  # = C⁻¹ v (Mᵀu = σ v exactly)
+            else:
+                U = Pv
+                V = torch.cholesky_solve(X, torch.linalg.cholesky(C64))
+            infos = [
+                {
+                    "method": f"fast-kpm-{factor}",
+                    "iterations": it,
+                    "oversample": p,
+                    "sv_rel_bound": float(bound[b]),
+                    "factor_err": float(factor_err[b]),
+                    "iter_residual": float(rel[b].max()),
+                    "sv_change_est": float(est[b].max()),
+                    "rejected": list(tried),
+                }
+                for b in range(Bn)
+            ]
+            return U.float(), S.float(), V.float(), infos
+        tried.append(
+            f"{factor}: bound {float(bound.max()):.2g} (factor {float(factor_err.max()):.2g}, "
+            f"residual {float(rel.max()):.2g}) > {certify:g} after {it} iterations"
+        )
+    U, S, V = torch.ops.corda_kernels.cosvd_full(W, C_fix)
+    U, S, V = select(U, S, V, rank, "bottom")
+    infos = [{"method": "exact-fallback", "rejected": list(tried)} for _ in range(Bn)]
+    return U, S, V, infos
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+# ---------------------------------------------------------------------------------------------
+def fast_cosvd(
+    W: torch.Tensor,
+    C_fix: torch.Tensor,
+    *,
+    rank: int,
+    which: str,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict]]:
+    """Fast top/bottom-``rank`` CO-SVD of ``W`` ``(m, n)`` / ``(B, m, n)`` with damped ``C_fix``.
+
+    Returns ``(U, S, V, infos)`` float32 with the input's batch layout; ``infos`` is a list
+    (one dict per matrix: ``method``, ``iterations``, ``sv_rel_bound`` …).
+    """
+    single = W.dim() == 2
+    Wb = W.unsqueeze(0) if single else W
+    Cb = C_fix.unsqueeze(0) if C_fix.dim() == 2 else C_fix
+    if Cb.shape[0] != Wb.shape[0]:
+        Cb = Cb.expand(Wb.shape[0], -1, -1)
+    if which == "top":
+        U, S, V, infos = top_r(Wb, Cb, rank, generator=generator)
+    elif which == "bottom":
+        U, S, V, infos = bottom_r(Wb, Cb, rank, generator=generator)
+    else:
+        raise ValueError(f"fast_cosvd: which must be 'top' or 'bottom', got {which!r}")
+    if single:
+        return U[0], S[0], V[0], infos
+    return U, S, V, infos
+
+
+def _registered(
+    W: torch.Tensor, C_fix: torch.Tensor, *, rank: int, which: str, info: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    U, S, V, infos = fast_cosvd(W, C_fix, rank=rank, which=which)
+    if info is not None:
+        info.update(infos[0] if len(infos) == 1 else {"batch": infos})
+    return U, S, V
+
+
+_FAST["cosvd"] = _registered
+
+
+# ---------------------------------------------------------------------------------------------
+# comparing two sets of triplets (fast vs exact adapters)
+# ---------------------------------------------------------------------------------------------
+def principal_cosines(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Cosines of the principal angles between the column spaces of ``A`` and ``B`` ``(d, r)``, ascending."""
+    Qa = torch.linalg.qr(A.double()).Q
+    Qb = torch.linalg.qr(B.double()).Q
+    return torch.linalg.svdvals(Qa.transpose(-1, -2) @ Qb).clamp(max=1.0).flip(-1)
+
+
+def compare_triplets(
+    test: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ref: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    W: torch.Tensor | None = None,
+    C_fix: torch.Tensor | None = None,
+    which: str = "top",
+) -> dict[str, float]:
+    """How close the triplets ``test = (U, S, V)`` are to ``ref`` (same rank, one layer).
+
+    ``U`` ``(m, r)``, ``S`` ``(r,)``, ``V`` ``(n, r)``. Reports the largest relative singular
+    value error, the smallest principal cosine of the ``U`` and ``V`` subspaces, and the
+    relative difference of the products ``U diag(S) Vᵀ`` (the adapters' ``s·B·A``). With ``W``
+    ``(m, n)`` and ``C_fix`` ``(n, n)`` it also gives the energy criterion: for ``top``
+    ``‖M − P_U M‖_F / ‖M − P_ref M‖_F − 1`` (``M = W·C_fix``), for ``bottom``
+    ``‖U_testᵀ M‖_F / ‖U_refᵀ M‖_F − 1`` (≥ 0 up to rounding when ``ref`` is exact).
+    """
+    Ut, St, Vt = (x.double() for x in test)
+    Ur, Sr, Vr = (x.double() for x in ref)
+    if St.shape != Sr.shape:
+        raise ValueError(f"compare_triplets: ranks differ ({tuple(St.shape)} vs {tuple(Sr.shape)})")
+    out = {
+        "sv_rel_err": float(((St - Sr).abs() / Sr.abs()).max()),
+        "u_cos_min": float(principal_cosines(Ut, Ur)[0]),
+        "v_cos_min": float(principal_cosines(Vt, Vr)[0]),
+    }
+    prod_t = (Ut * St) @ Vt.T
+    prod_r = (Ur * Sr) @ Vr.T
+    out["product_rel_err"] = float((prod_t - prod_r).norm() / prod_r.norm())
+    if W is not None and C_fix is not None:
+        M = W.double() @ C_fix.double()
+        Qt = torch.linalg.qr(Ut).Q
+        Qr = torch.linalg.qr(Ur).Q
+        cap_t = (Qt.T @ M).norm() ** 2
+        cap_r = (Qr.T @ M).norm() ** 2
+        if which == "top":
+            total = M.norm() ** 2
+            out["energy_rel_excess"] = float(((total - cap_t).clamp_min(0) / (total - cap_r)).sqrt() - 1)
+        else:
+            out["energy_rel_excess"] = float((cap_t / cap_r).sqrt() - 1)
+    return out
+
+
+def triplets_from_adapter(
+    A: torch.Tensor, B: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recover ``(U, S, V)`` from CorDA adapters ``A`` ``(r, n)``, ``B`` ``(m, r)`` (DESIGN §3.4).
+
+    ``B = U diag(√(S/s))`` with unit columns ``U``, so ``S_i = s·‖B_i‖²``, ``U_i = B_i/‖B_i‖`` and
+    ``V_i = A_iᵀ/‖B_i‖``. Returns float64 ``U`` ``(m, r)``, ``S`` ``(r,)``, ``V`` ``(n, r)``.
+    """
+    B64 = B.double()
+    norms = B64.norm(dim=0)
+    return B64 / norms, scaling * norms**2, A.double().T / norms
