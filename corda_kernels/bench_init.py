@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--method", default="exact", choices=["exact", "fast"])
+    p.add_argument("--method", default="fast", choices=["exact", "fast"])
     p.add_argument("--modes", default="ipm,kpm")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .backend import define_op, register_impl
+from .linalg import inv_ex
 
 DEFAULT_DAMP = 0.01
 DEFAULT_THRESHOLD = 0.05
@@ -53,19 +54,6 @@ def fix_covariance(C: torch.Tensor, damp: torch.Tensor) -> torch.Tensor:
     return C + shift.view(-1, 1, 1) * eye
 
 
-def _inverse(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched ``inv_ex``; on the CPU one matrix at a time, as PEFT does it.
-
-    Batched LU on the CPU returns garbage pivots in torch 2.13 + MKL once
-    ``torch.set_num_threads`` has been called (even with the default count), and a loop
-    costs nothing there: MKL factors batch members one by one anyway.
-    """
-    if A.device.type != "cpu":
-        return torch.linalg.inv_ex(A)
-    pairs = [torch.linalg.inv_ex(a) for a in A]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-
-
 @register_impl("damped_inverse", "torch")
 def _damped_inverse_torch(
     C: torch.Tensor, damp: float, threshold: float, max_steps: int
@@ -78,7 +66,7 @@ def _damped_inverse_torch(
     eye = torch.eye(n, dtype=C.dtype, device=C.device)
     for _ in range(max_steps):
         fixed = fix_covariance(C[todo], damps[todo])
-        inv, info = _inverse(fixed)
+        inv, info = inv_ex(fixed)
         err = torch.linalg.matrix_norm(fixed @ inv - eye).cpu()
         ok = (info.cpu() == 0) & (err < threshold)
         done = todo[ok]

@@ -14,6 +14,7 @@ import torch
 
 from .backend import define_op, register_impl
 from .damping import damped_inverse
+from .linalg import solve
 
 Which = Literal["top", "bottom", "all"]
 _METHODS = ("exact", "fast")
@@ -39,7 +40,7 @@ def _cosvd_full_torch(W: torch.Tensor, C_fix: torch.Tensor) -> tuple[torch.Tenso
     C64 = C_fix.to(torch.float64)
     U, S, Vh = torch.linalg.svd(W64 @ C64, full_matrices=False)
     # Vh·C⁻¹ = (C⁻¹·Vhᵀ)ᵀ for a symmetric C: a solve, no explicit inverse.
-    V = torch.linalg.solve(C64, Vh.transpose(-1, -2))
+    V = solve(C64, Vh.transpose(-1, -2))
     return U.float(), S.float(), V.float()
 
 

@@ -56,6 +56,7 @@ from contextlib import contextmanager
 import torch
 
 from .decomposition import _FAST, select
+from .linalg import lu_factor_ex
 
 TOP_TOL = 1e-4  # target relative accuracy of the top-r singular values (the tests ask 1e-3)
 BOTTOM_TOL = 1e-4  # target eigen-residual of the bottom-r Ritz vectors (the tests ask 5e-3 on values)
@@ -363,7 +364,7 @@ def bottom_r(
             # Gram matrix ~4·n³: the LU path only pays off for thin blocks (l ≤ n/30)
             if m != n or 30 * ell > n:
                 continue
-            LU, piv, info = torch.linalg.lu_factor_ex(W64)
+            LU, piv, info = lu_factor_ex(W64)
             Lc, info_c = torch.linalg.cholesky_ex(C64)
             if bool((info != 0).any() | (info_c != 0).any()):
                 tried.append("lu: W singular or C not positive definite in float64")

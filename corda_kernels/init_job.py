@@ -48,7 +48,7 @@ class InitOptions:
     seq_len: int = 256
     batch_size: int = 8
     normalization: str = "peft"
-    method: str = "exact"
+    method: str = "fast"
     rslora: bool = False
     dynamic: bool = False
     rounds: int = 5

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from .calibration import CovarianceCollector, linear_weight
 from .damping import damped_inverse
 from .dynamic import LayerSpectrum, discard_pattern, plan_dynamic
+from .linalg import solve
 from .spectra import compactness, eig_extremes
 
 METHODS = ("plain-svd", "asvd", "co-svd", "co-svd+", "co-svd++")
@@ -72,7 +73,7 @@ def factor(W: torch.Tensor, *, C_fix: torch.Tensor | None = None, scale: torch.T
     if C_fix is not None:
         C64 = C_fix.to(torch.float64)
         U, S, Vh = torch.linalg.svd(W64 @ C64, full_matrices=False)
-        V = torch.linalg.solve(C64, Vh.T)
+        V = solve(C64, Vh.T)
     elif scale is not None:
         d = scale.to(torch.float64)
         U, S, Vh = torch.linalg.svd(W64 * d, full_matrices=False)

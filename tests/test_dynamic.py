@@ -176,7 +176,10 @@ def test_k1_reduces_to_corda(method: str, gen: torch.Generator) -> None:
         assert plan.choice == {"a": -1, "b": -1, "c": -1}
         ours = {r.name: r for r in decompose_plan(mods, plan, progress=False)}
         ref = {
-            r.name: r for r in decompose_layers(mods, col.covariances(), {n: 5 for n in mods}, method, progress=False)
+            r.name: r
+            for r in decompose_layers(
+                mods, col.covariances(), {n: 5 for n in mods}, method, method="exact", progress=False
+            )
         }
         for name in mods:
             assert torch.equal(ours[name].S, ref[name].S)
@@ -307,7 +310,7 @@ def test_plan_for_init_matches_decompose_plan(gen: torch.Generator) -> None:
             if plan._key[n] == plan._key[o]:
                 assert chosen[n] is chosen[o]
     live = {n: m for n, m in mods.items() if ranks[n] > 0}
-    ours = {r.name: r for r in decompose_layers(live, chosen, ranks, "kpm", progress=False)}
+    ours = {r.name: r for r in decompose_layers(live, chosen, ranks, "kpm", method="exact", progress=False)}
     ref = {r.name: r for r in decompose_plan(mods, plan, progress=False)}
     assert set(ours) == set(ref) == set(live)
     for n in live:

@@ -307,7 +307,8 @@ def test_pipeline_fast_matches_exact(corda_method: str, gen: torch.Generator) ->
             model(ids)
         cols[method] = col
         results[method] = {
-            res.name: res for res in decompose_layers(mods, col, ranks, corda_method, method=method, progress=False)
+            res.name: res
+            for res in decompose_layers(mods, col.covariances(), ranks, corda_method, method=method, progress=False)
         }
     which = "top" if corda_method == "ipm" else "bottom"
     assert set(results["fast"]) == set(mods)

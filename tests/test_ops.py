@@ -184,3 +184,20 @@ def test_fake_kernels_shapes() -> None:
         assert C_fix.shape == (4, 16, 16) and d.shape == (4,)
         U, S, V = torch.ops.corda_kernels.cosvd_full(torch.empty(10, 16), torch.empty(16, 16))
         assert (U.shape, S.shape, V.shape) == ((10, 10), (10,), (16, 10))
+
+
+def test_batched_lu_helpers_after_set_num_threads(gen: torch.Generator) -> None:
+    """torch 2.13 + MKL: batched LU breaks once set_num_threads ran; our helpers must not."""
+    from corda_kernels import linalg
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(before)  # the call itself is the trigger, whatever the count
+    A = torch.randn(3, 200, 200, generator=gen, dtype=torch.float64) + 20 * torch.eye(200, dtype=torch.float64)
+    B = torch.randn(3, 200, 5, generator=gen, dtype=torch.float64)
+    X = linalg.solve(A, B)
+    assert rel_err(A @ X, B) < 1e-12
+    inv, info = linalg.inv_ex(A.float())
+    assert bool((info == 0).all()) and rel_err(A.float() @ inv, torch.eye(200).expand(3, 200, 200)) < 1e-5
+    LU, piv, info = linalg.lu_factor_ex(A)
+    P, L, U = torch.lu_unpack(LU, piv)
+    assert rel_err(P @ L @ U, A) < 1e-12

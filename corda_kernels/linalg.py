@@ -1,0 +1,48 @@
+"""LU-based linear algebra that stays correct on the CPU.
+
+torch 2.13's CPU build with MKL returns garbage pivots from *batched* LU (``inv``, ``solve``,
+``lu_factor``; float32 and float64) once ``torch.set_num_threads`` has been called in the
+process — even with the default count ("Pivots given to lu_solve must all be greater or equal
+to 1", or silently wrong results). Single matrices are unaffected, and MKL factors batch
+members one by one anyway, so on the CPU these helpers loop; elsewhere they batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _per_matrix(A: torch.Tensor) -> bool:
+    return A.device.type == "cpu" and A.dim() > 2
+
+
+def inv_ex(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.inv_ex`` for ``(..., n, n)``."""
+    if not _per_matrix(A):
+        return torch.linalg.inv_ex(A)
+    flat = A.reshape(-1, *A.shape[-2:])
+    pairs = [torch.linalg.inv_ex(a) for a in flat]
+    inv = torch.stack([p[0] for p in pairs]).reshape(A.shape)
+    return inv, torch.stack([p[1] for p in pairs]).reshape(A.shape[:-2])
+
+
+def solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.solve(A, B)`` for ``A`` ``(..., n, n)``, ``B`` ``(..., n, k)`` (same batch)."""
+    if not _per_matrix(A):
+        return torch.linalg.solve(A, B)
+    Af, Bf = A.reshape(-1, *A.shape[-2:]), B.expand(*A.shape[:-2], *B.shape[-2:]).reshape(-1, *B.shape[-2:])
+    return torch.stack([torch.linalg.solve(a, b) for a, b in zip(Af, Bf)]).reshape(*A.shape[:-2], *B.shape[-2:])
+
+
+def lu_factor_ex(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.lu_factor_ex`` for ``(..., m, n)``."""
+    if not _per_matrix(A):
+        return torch.linalg.lu_factor_ex(A)
+    flat = A.reshape(-1, *A.shape[-2:])
+    parts = [torch.linalg.lu_factor_ex(a) for a in flat]
+    lead = A.shape[:-2]
+    return (
+        torch.stack([p[0] for p in parts]).reshape(A.shape),
+        torch.stack([p[1] for p in parts]).reshape(*lead, -1),
+        torch.stack([p[2] for p in parts]).reshape(lead),
+    )
