@@ -9,6 +9,8 @@ chosen damp (and so the adapters) equal to PEFT's. Unlike upstream the loop is b
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .backend import define_op, register_impl
@@ -54,24 +56,34 @@ def fix_covariance(C: torch.Tensor, damp: torch.Tensor) -> torch.Tensor:
     return C + shift.view(-1, 1, 1) * eye
 
 
-@register_impl("damped_inverse", "torch")
-def _damped_inverse_torch(
-    C: torch.Tensor, damp: float, threshold: float, max_steps: int
+def search_damp(
+    C: torch.Tensor,
+    damp: float,
+    threshold: float,
+    max_steps: int,
+    shifted: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    residual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, n, _ = C.shape
+    """The damping loop shared by every backend, on ``C`` ``(B, n, n)``.
+
+    ``shifted(idx, damps)`` gives ``C_fix`` of the matrices ``idx`` (on ``C``'s device) for their
+    float64 ``damps``; ``residual(C_fix, C_inv)`` gives ``‖C_fix·C_inv − I‖_F`` per matrix.
+    Returns ``(C_fix, C_inv, damps)``: ``C``'s dtype ``(B, n, n)`` twice, float64 ``(B,)`` on the CPU.
+    """
+    B = C.shape[0]
     damps = torch.full((B,), damp, dtype=torch.float64)
     C_fix = torch.empty_like(C)
     C_inv = torch.empty_like(C)
     todo = torch.arange(B)
-    eye = torch.eye(n, dtype=C.dtype, device=C.device)
     for _ in range(max_steps):
-        fixed = fix_covariance(C[todo], damps[todo])
+        todo_dev = todo.to(C.device)
+        fixed = shifted(todo_dev, damps[todo])
         inv, info = inv_ex(fixed)
-        err = torch.linalg.matrix_norm(fixed @ inv - eye).cpu()
+        err = residual(fixed, inv).cpu()
         ok = (info.cpu() == 0) & (err < threshold)
-        done = todo[ok]
-        C_fix[done] = fixed[ok]
-        C_inv[done] = inv[ok]
+        done, ok_dev = todo[ok].to(C.device), ok.to(C.device)
+        C_fix[done] = fixed[ok_dev]
+        C_inv[done] = inv[ok_dev]
         todo = todo[~ok]
         if todo.numel() == 0:
             return C_fix, C_inv, damps
@@ -80,6 +92,21 @@ def _damped_inverse_torch(
         int(todo[0]),
         f"damped_inverse: no damp up to {damps[todo[0]].item() / 2:g} made ‖C_fix·C_inv − I‖_F < {threshold} "
         f"within {max_steps} doublings (matrix {int(todo[0])} of the batch)",
+    )
+
+
+@register_impl("damped_inverse", "torch")
+def _damped_inverse_torch(
+    C: torch.Tensor, damp: float, threshold: float, max_steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+    return search_damp(
+        C,
+        damp,
+        threshold,
+        max_steps,
+        shifted=lambda idx, damps: fix_covariance(C[idx], damps),
+        residual=lambda fixed, inv: torch.linalg.matrix_norm(fixed @ inv - eye),
     )
 
 

@@ -27,8 +27,7 @@ import triton
 import triton.language as tl
 
 from ..backend import register_impl, triton_interpreted
-from ..damping import DampingError, diag_means
-from ..linalg import inv_ex
+from ..damping import diag_means, search_damp
 from .covariance_triton import _on_device
 
 
@@ -184,32 +183,19 @@ def _damped_inverse_triton(
         from ..damping import _damped_inverse_torch
 
         return _damped_inverse_torch(C, damp, threshold, max_steps)
-    B, n, _ = C.shape
-    damps = torch.full((B,), damp, dtype=torch.float64)
-    C_fix = torch.empty_like(C)
-    C_inv = torch.empty_like(C)
     # The same reduction as fix_covariance's (diagonal of each matrix, mean in fp32).
     diag_mean = diag_means(C)
-    todo = torch.arange(B)
-    for _ in range(max_steps):
-        todo_dev = todo.to(C.device)
-        shift = diag_mean[todo_dev] * damps[todo].to(device=C.device, dtype=C.dtype)
-        fixed = shifted_copy(C, todo_dev, shift)
-        inv, info = inv_ex(fixed)  # batch-safe on the CPU (interpreter runs)
-        err = residual_norm(fixed, inv, input_precision=CHECK_INPUT_PRECISION).cpu()
-        ok = (info.cpu() == 0) & (err < threshold)
-        done = todo[ok]
-        ok_dev = ok.to(C.device)
-        C_fix[done.to(C.device)] = fixed[ok_dev]
-        C_inv[done.to(C.device)] = inv[ok_dev]
-        todo = todo[~ok]
-        if todo.numel() == 0:
-            return C_fix, C_inv, damps
-        damps[todo] *= 2
-    raise DampingError(
-        int(todo[0]),
-        f"damped_inverse: no damp up to {damps[todo[0]].item() / 2:g} made ‖C_fix·C_inv − I‖_F < {threshold} "
-        f"within {max_steps} doublings (matrix {int(todo[0])} of the batch)",
+
+    def shifted(idx: torch.Tensor, damps: torch.Tensor) -> torch.Tensor:
+        return shifted_copy(C, idx, diag_mean[idx] * damps.to(device=C.device, dtype=C.dtype))
+
+    return search_damp(
+        C,
+        damp,
+        threshold,
+        max_steps,
+        shifted=shifted,
+        residual=lambda fixed, inv: residual_norm(fixed, inv, input_precision=CHECK_INPUT_PRECISION),
     )
 
 
