@@ -34,13 +34,19 @@ def _fake(W, C_fix):  # noqa: ANN001, ANN202
 define_op("cosvd_full", "(Tensor W, Tensor C_fix) -> (Tensor, Tensor, Tensor)", _fake)
 
 
-@register_impl("cosvd_full", "torch")
-def _cosvd_full_torch(W: torch.Tensor, C_fix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cosvd_float64(W: torch.Tensor, C_fix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full CO-SVD in float64: ``U`` ``(…, m, k)``, ``S`` ``(…, k)``, ``V`` ``(…, n, k)``, all float64."""
     W64 = W.to(torch.float64)
     C64 = C_fix.to(torch.float64)
     U, S, Vh = torch.linalg.svd(W64 @ C64, full_matrices=False)
     # Vh·C⁻¹ = (C⁻¹·Vhᵀ)ᵀ for a symmetric C: a solve, no explicit inverse.
     V = solve(C64, Vh.transpose(-1, -2))
+    return U, S, V
+
+
+@register_impl("cosvd_full", "torch")
+def _cosvd_full_torch(W: torch.Tensor, C_fix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    U, S, V = cosvd_float64(W, C_fix)
     return U.float(), S.float(), V.float()
 
 

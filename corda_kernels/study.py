@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from .calibration import CovarianceCollector, linear_weight
 from .damping import damped_inverse
+from .decomposition import cosvd_float64
 from .dynamic import LayerSpectrum, discard_pattern, plan_dynamic
-from .linalg import solve
 from .spectra import compactness, eig_extremes
 
 METHODS = ("plain-svd", "asvd", "co-svd", "co-svd+", "co-svd++")
@@ -71,9 +71,7 @@ def factor(W: torch.Tensor, *, C_fix: torch.Tensor | None = None, scale: torch.T
     """Full float64 SVD of ``W·C_fix`` (co-svd), ``W·diag(scale)`` (asvd) or ``W`` (plain); ``W`` ``(m, n)``."""
     W64 = W.detach().to(torch.float64)
     if C_fix is not None:
-        C64 = C_fix.to(torch.float64)
-        U, S, Vh = torch.linalg.svd(W64 @ C64, full_matrices=False)
-        V = solve(C64, Vh.T)
+        U, S, V = cosvd_float64(W64, C_fix)
     elif scale is not None:
         d = scale.to(torch.float64)
         U, S, Vh = torch.linalg.svd(W64 * d, full_matrices=False)
