@@ -23,6 +23,7 @@ from corda_kernels.dynamic import (
     truncation_bound,
 )
 from corda_kernels.pipeline import decompose_layers
+from tests.tiny_models import tiny_llama
 
 
 def _layer(name: str, sigma: list[float], log_pi: float = 1.0, width: int = 64) -> LayerSpectrum:
@@ -189,19 +190,7 @@ def test_k1_reduces_to_corda(method: str, gen: torch.Generator) -> None:
 
 # ---------------------------------------------------------------------------------- tiny LLaMA + PEFT
 def _tiny_llama(seed: int):  # noqa: ANN202
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed, vocab=96, intermediate=128, max_positions=64)
 
 
 def _targets(model: nn.Module) -> dict[str, nn.Module]:

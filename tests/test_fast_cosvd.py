@@ -282,21 +282,12 @@ def test_compare_triplets_is_sign_invariant_and_detects_errors(gen: torch.Genera
 @pytest.mark.parametrize("corda_method", ["ipm", "kpm"])
 def test_pipeline_fast_matches_exact(corda_method: str, gen: torch.Generator) -> None:
     """decompose_layers on a tiny LLaMA: fast (batched over same-shaped layers) vs exact, per layer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from corda_kernels.pipeline import decompose_layers
 
-    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    from .tiny_models import tiny_llama
+
+    seed = int(torch.randint(2**31, (1,), generator=gen))
+    model = tiny_llama(seed, vocab=97, intermediate=160, layers=3, max_positions=64)
     mods = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "o_proj", "up_proj", "down_proj"))}
     ranks = dict.fromkeys(mods, 6)
     ids = torch.randint(97, (8, 48), generator=gen)

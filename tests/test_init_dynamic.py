@@ -12,23 +12,15 @@ WORDS = [f"w{i}" for i in range(90)]
 
 def _tiny_model_dir(root: Path, seed: int) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny_models import tiny_llama
 
     vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(seed, vocab=len(vocab), intermediate=128, max_positions=64)
     path = root / "tiny"
     model.save_pretrained(path)
     fast.save_pretrained(path)

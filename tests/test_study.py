@@ -21,22 +21,11 @@ from corda_kernels.study import (
     write_outputs,
 )
 from tests.conftest import rel_err
+from tests.tiny_models import tiny_llama
 
 
 def _tiny_llama(seed: int):  # noqa: ANN202
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed, vocab=96, intermediate=128, max_positions=64)
 
 
 def _ref_ppl(model: nn.Module, ids: torch.Tensor) -> float:

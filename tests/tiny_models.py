@@ -10,17 +10,26 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(
+    seed: int = 0,
+    *,
+    vocab: int = VOCAB,
+    intermediate: int = 96,
+    layers: int = 2,
+    max_positions: int = 128,
+    tie_word_embeddings: bool = False,
+) -> LlamaForCausalLM:
+    """A 64-wide LLaMA (4 heads, 2 KV heads: GQA) with fresh weights from ``seed``."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_word_embeddings,
     )
     return LlamaForCausalLM(cfg).eval()
 
