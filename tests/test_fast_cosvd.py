@@ -208,9 +208,10 @@ def test_square_layers_use_the_lu_path(gen: torch.Generator) -> None:
     W, C = real_case("square")
     C_fix = ck.damped_inverse(C)[0]
     ref = reference(W, C_fix)
-    U, S, V, infos = bottom_r(W[None], C_fix[None], 16, oversample=0, generator=gen)  # l = 16 ≤ 576/30
+    # l = 12 + 6 ≤ 576/30; the gap σ_{k−12}/σ_{k−11} ≈ 1.027 is small, the oversampling pins it
+    U, S, V, infos = bottom_r(W[None], C_fix[None], 12, oversample=6, generator=gen)
     assert infos[0]["method"] == "fast-kpm-lu", infos
-    c = check(W, C_fix, (U[0], S[0], V[0]), ref, 16, "bottom", infos[0])
+    c = check(W, C_fix, (U[0], S[0], V[0]), ref, 12, "bottom", infos[0])
     assert c["sv_rel_err"] < 1e-5
 
 
