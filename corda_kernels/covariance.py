@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .backend import define_op, register_impl
+from .cpu_syrk import syrk_upper_
 
 # Column blocks for the triangle: computing the upper block-triangle of an nb×nb grid costs
 # (nb+1)/(2nb) of the full product; 4 blocks keep each GEMM large enough to run at speed.
@@ -33,8 +34,14 @@ define_op(
 
 
 def _accumulate(C: torch.Tensor, xf: torch.Tensor, upper_only: bool, alpha: float = 1.0) -> None:
-    """``C (+)= alpha·xfᵀ xf`` for fp32 ``xf`` ``(T, n)``; upper block-triangle only if asked."""
+    """``C (+)= alpha·xfᵀ xf`` for fp32 ``xf`` ``(T, n)``; upper triangle only if asked.
+
+    The upper triangle goes through BLAS ``ssyrk`` on the CPU when available (half the
+    arithmetic), else through ``addmm`` on an upper block-triangle.
+    """
     n = xf.shape[1]
+    if upper_only and syrk_upper_(C, xf, alpha):
+        return
     if not upper_only or n < 2 * _MIN_BLOCK:
         C.addmm_(xf.T, xf, alpha=alpha)
         return

@@ -25,10 +25,15 @@ Bottom ``r`` (:func:`bottom_r`): everything in float64 (PEFT's fp32 product + fp
 resolve the bottom of a spectrum spanning 6–8 decades). ``A`` is the tall orientation of
 ``M`` (``Mᵀ`` for ``m ≤ n``: the wanted vectors are ``U``; ``M`` for ``m > n``: ``V``). Block
 inverse subspace iteration ``X ← orth((AᵀA)⁻¹X)`` with ``l = r + p`` columns, the inverse
-applied through a factorization, tried in this order where it applies:
+applied through a factorization, tried in this order where it applies (square ``W``: ``lu``,
+``qr``, ``eigh``, ``gram``; otherwise ``eigh``, ``gram``, ``qr``):
 
 * ``lu`` (square ``W``, thin blocks): ``(MMᵀ)⁻¹ = W⁻ᵀC⁻²W⁻¹`` from an LU of ``W`` and a Cholesky
   of ``C`` — ``M`` is never formed;
+* ``eigh`` (``k ≤ 1024``): no iteration at all — the bottom eigenvectors of the float64 Gram
+  matrix ``AᵀA`` from one dense ``eigh``, the values re-measured with ``A``; accurate to
+  ``ε₆₄·κ(M)²``, which its own eigenvalues give exactly (the non-square layers of the embedded
+  model: ``κ² ≈ 1e6``);
 * ``gram``: the Cholesky factor ``F`` of the float64 Gram matrix ``AᵀA`` (one GEMM), accurate
   only to ``ε₆₄·κ(M)²`` (fails for real q_proj layers, ``κ ≈ 1e8``);
 * ``qr``: the ``R`` of a float64 Householder QR of ``A``, accurate to ``ε₆₄·κ(M)``.
@@ -307,6 +312,52 @@ def _bottom_iterate(
     return X[..., :rank], Z / S.unsqueeze(-2), S, rel, it, est
 
 
+_EIGH_MAX_K = 1024  # a dense float64 eigh of the k×k Gram beats the iterations up to about here
+
+
+def _bottom_result(
+    W64: torch.Tensor,
+    C64: torch.Tensor,
+    X: torch.Tensor,
+    Pv: torch.Tensor,
+    S: torch.Tensor,
+    wide: bool,
+    factor: str,
+    it: int,
+    p: int,
+    bound: torch.Tensor,
+    factor_err: torch.Tensor,
+    rel: torch.Tensor,
+    est: torch.Tensor,
+    tried: list[str],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict]]:
+    """Certified bottom triplets → float32 ``U``, ``S`` (descending), ``V`` and the info dicts.
+
+    ``X`` ``(B, k, r)`` are the right vectors of the tall ``A``, ``Pv = A X / S``, ``S`` ascending.
+    """
+    X, Pv, S = X.flip(-1), Pv.flip(-1), S.flip(-1)  # descending
+    if wide:
+        U = X
+        V = (W64.transpose(-1, -2) @ U) / S.unsqueeze(-2)  # = C⁻¹ v (Mᵀu = σ v exactly)
+    else:
+        U = Pv
+        V = torch.cholesky_solve(X, torch.linalg.cholesky(C64))
+    infos = [
+        {
+            "method": f"fast-kpm-{factor}",
+            "iterations": it,
+            "oversample": p,
+            "sv_rel_bound": float(bound[b]),
+            "factor_err": float(factor_err[b]),
+            "iter_residual": float(rel[b].max()),
+            "sv_change_est": float(est[b].max()),
+            "rejected": list(tried),
+        }
+        for b in range(W64.shape[0])
+    ]
+    return U.float(), S.float(), V.float(), infos
+
+
 def bottom_r(
     W: torch.Tensor,
     C_fix: torch.Tensor,
@@ -317,17 +368,21 @@ def bottom_r(
     certify: float = BOTTOM_CERTIFY,
     max_iters: int = 60,
     generator: torch.Generator | None = None,
-    factors: tuple[str, ...] = ("lu", "gram", "qr"),
+    factors: tuple[str, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict]]:
     """Bottom-``rank`` CO-SVD triplets in float64 with an accuracy estimate (see module doc).
 
     ``W`` ``(B, m, n)``, ``C_fix`` ``(B, n, n)``. Tries the factorizations in ``factors`` order
+    (default: ``lu, qr, eigh, gram`` for square ``W``, else ``eigh, gram, qr``)
     and accepts the first whose estimated bound ``factor error + iteration residual / 2`` on
     the relative error of every bottom singular value is ``≤ certify`` for every matrix of the
     batch; a factor whose a-priori error already exceeds ``certify`` is skipped unused:
 
     * ``"lu"`` (square ``W`` and ``r + p ≤ n/30`` only): ``M⁻¹ = C⁻¹W⁻¹`` from an LU of ``W`` and
       a Cholesky of ``C`` (``n³`` flops, ``M`` never formed), error ``≈ c·ε·(g·κ(W)·κ(C) + κ(C))``;
+    * ``"eigh"`` (``k ≤ 1024`` only): the bottom eigenvectors of the float64 Gram matrix of
+      ``M`` from one dense ``eigh``, no iterations, error ``≈ c·ε·κ(M)²`` with ``κ`` read off its
+      eigenvalues (cheaper than the iterations below for small ``k``);
     * ``"gram"``: Cholesky of the float64 Gram matrix of ``M``, error ``≈ c·ε·κ(M)²``;
     * ``"qr"``: R of a float64 Householder QR of ``M``, error ``≈ c·ε·κ(M)``;
 
@@ -337,6 +392,9 @@ def bottom_r(
     """
     Bn, m, n = W.shape
     k = min(m, n)
+    if factors is None:
+        # square layers (q_proj, o_proj) have κ(M) ~ 1e8 in practice: κ² rules out the Gram paths
+        factors = ("lu", "qr", "eigh", "gram") if m == n else ("eigh", "gram", "qr")
     p = default_oversample(rank, k) if oversample is None else max(0, min(oversample, k - rank))
     ell = rank + p
     W64 = W.double()
@@ -358,6 +416,7 @@ def bottom_r(
     A_full: torch.Tensor | None = None
     norm2: torch.Tensor | None = None
     tried: list[str] = []
+    skip_gram = False
     for factor in factors:
         if factor == "lu":
             # ~10 steps of 8 triangular solves on l columns cost ~80·n²·l flops, forming M and its
@@ -401,12 +460,44 @@ def bottom_r(
             growth = (LU.abs().amax((-2, -1)) / W64.abs().amax((-2, -1))).cpu()
             factor_err = c * eps * (growth * kW * kC + kC)
             apply_ritz = apply_A
+        elif factor == "eigh":
+            if k > _EIGH_MAX_K:
+                continue
+            if A_full is None:
+                A_full = C64 @ Wt64 if wide else W64 @ C64  # tall (R, k): Mᵀ or M
+            G = A_full.transpose(-1, -2) @ A_full
+            mu, Xall = torch.linalg.eigh(G)  # ascending
+            norm2 = mu[..., -1].clamp_min(0).sqrt().cpu() * 1.01
+            factor_err = (c * eps * mu[..., -1] / mu[..., 0].clamp_min(1e-300)).cpu()
+            factor_err = torch.where(mu[..., 0].cpu() > 0, factor_err, torch.full_like(factor_err, math.inf))
+            if bool((factor_err > certify).any()):
+                tried.append(f"eigh: a-priori factor error {float(factor_err.max()):.2g} > {certify:g}")
+                skip_gram = True  # the same κ² criterion, here from the exact eigenvalues
+                continue
+            X = Xall[..., :rank]
+            res = G @ X - X * mu[..., :rank].unsqueeze(-2)
+            rel = (res.norm(dim=-2) / mu[..., :rank].abs()).cpu()
+            # values and left vectors from the exact A (Rayleigh–Ritz on the r columns)
+            S_r, Yt = _ritz(A_full @ X)
+            X = (X @ Yt).flip(-1)  # ascending σ
+            S_r = S_r.flip(-1)
+            Pv = (A_full @ X) / S_r.unsqueeze(-2)
+            X, Pv, S, it, est = X, Pv, S_r, 0, torch.zeros_like(rel)
+            bound = factor_err + rel.amax(-1) / 2
+            if bool((bound <= certify).all()):
+                return _bottom_result(W64, C64, X, Pv, S, wide, factor, it, p, bound, factor_err, rel, est, tried)
+            tried.append(f"eigh: bound {float(bound.max()):.2g} > {certify:g}")
+            continue
         elif factor in ("gram", "qr"):
             if A_full is None:
                 A_full = C64 @ Wt64 if wide else W64 @ C64  # tall (R, k): Mᵀ or M
+            if norm2 is None:
                 AtA = lambda X, A=A_full: A.transpose(-1, -2) @ (A @ X)  # noqa: E731
                 norm2 = _power_norm(AtA, (Bn, k), device=W.device).sqrt() * 1.01
             if factor == "gram":
+                if skip_gram:
+                    tried.append("gram: skipped, κ(M)² too large (see eigh)")
+                    continue
                 F, info = torch.linalg.cholesky_ex(A_full.transpose(-1, -2) @ A_full, upper=True)
                 if bool((info != 0).any()):
                     tried.append("gram: not positive definite in float64")
@@ -445,27 +536,7 @@ def bottom_r(
         )
         bound = factor_err + rel.amax(-1) / 2
         if bool((bound <= certify).all()):
-            X, Pv, S = X.flip(-1), Pv.flip(-1), S.flip(-1)  # descending
-            if wide:
-                U = X
-                V = (Wt64 @ U) / S.unsqueeze(-2)  # = C⁻¹ v (Mᵀu = σ v exactly)
-            else:
-                U = Pv
-                V = torch.cholesky_solve(X, torch.linalg.cholesky(C64))
-            infos = [
-                {
-                    "method": f"fast-kpm-{factor}",
-                    "iterations": it,
-                    "oversample": p,
-                    "sv_rel_bound": float(bound[b]),
-                    "factor_err": float(factor_err[b]),
-                    "iter_residual": float(rel[b].max()),
-                    "sv_change_est": float(est[b].max()),
-                    "rejected": list(tried),
-                }
-                for b in range(Bn)
-            ]
-            return U.float(), S.float(), V.float(), infos
+            return _bottom_result(W64, C64, X, Pv, S, wide, factor, it, p, bound, factor_err, rel, est, tried)
         tried.append(
             f"{factor}: bound {float(bound.max()):.2g} (factor {float(factor_err.max()):.2g}, "
             f"residual {float(rel.max()):.2g}) > {certify:g} after {it} iterations"

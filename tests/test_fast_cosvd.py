@@ -197,10 +197,24 @@ def test_gram_factor_rejected_where_kappa_squared_overflows(gen: torch.Generator
     _, _, _, infos = bottom_r(W[None], C_fix[None], 8, generator=gen, factors=("gram", "qr"))
     assert infos[0]["method"] == "fast-kpm-qr"
     assert any(msg.startswith("gram") for msg in infos[0]["rejected"])
-    # and a well-conditioned layer stays on the cheap Gram path
+    # and a well-conditioned layer stays on the cheap Gram paths
     W2, C2 = real_case("wide")
-    _, _, _, infos2 = bottom_r(W2[None], ck.damped_inverse(C2)[0][None], 8, generator=gen)
-    assert infos2[0]["method"] == "fast-kpm-gram"
+    C2_fix = ck.damped_inverse(C2)[0]
+    ref2 = reference(W2, C2_fix)
+    for factors, method in ((None, "fast-kpm-eigh"), (("gram", "qr"), "fast-kpm-gram")):
+        U, S, V, infos2 = bottom_r(W2[None], C2_fix[None], 8, generator=gen, factors=factors)
+        assert infos2[0]["method"] == method, infos2
+        check(W2, C2_fix, (U[0], S[0], V[0]), ref2, 8, "bottom", infos2[0])
+
+
+def test_eigh_factor_rejected_on_square_ill_conditioned(gen: torch.Generator) -> None:
+    """κ(M)² of a real square layer overflows the eigh criterion too: it is refused, gram is skipped."""
+    W, C = real_case("square")
+    C_fix = ck.damped_inverse(C)[0]
+    U, S, V, infos = bottom_r(W[None], C_fix[None], 8, generator=gen, factors=("eigh", "gram", "qr"))
+    assert infos[0]["method"] == "fast-kpm-qr", infos
+    assert infos[0]["rejected"][0].startswith("eigh: a-priori") and infos[0]["rejected"][1].startswith("gram: skipped")
+    check(W, C_fix, (U[0], S[0], V[0]), reference(W, C_fix), 8, "bottom", infos[0])
 
 
 def test_square_layers_use_the_lu_path(gen: torch.Generator) -> None:
@@ -219,7 +233,7 @@ def test_uncertified_bottom_falls_back_to_exact(gen: torch.Generator) -> None:
     W, C = outlier_case(256, 256, gen)
     C_fix = ck.damped_inverse(C)[0]
     U, S, V, infos = bottom_r(W[None], C_fix[None], 8, certify=1e-30, generator=gen)
-    assert infos[0]["method"] == "exact-fallback" and len(infos[0]["rejected"]) == 2  # gram, qr (l > n/30: no lu)
+    assert infos[0]["method"] == "exact-fallback" and len(infos[0]["rejected"]) == 3  # qr, eigh, gram (no lu: l > n/30)
     Ue, Se, Ve = cosvd(W, C, rank=8, which="bottom", method="exact", C_fix=C_fix)
     assert torch.equal(S[0], Se)
 
