@@ -103,3 +103,24 @@ def test_cli_errors(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     code = main(["init", "--model", str(tiny_dir), "--rank", "500", "--out", str(tmp_path), "--no-progress",
                  "--samples", "2", "--seq-len", "16"])
     assert code == 2 and "rank 500" in capsys.readouterr().err
+
+
+def test_bench_init_table_ratios() -> None:
+    """The end-to-end table: speed-up against PEFT of the same mode, cost beyond each floor."""
+    from corda_kernels.bench_init import table
+
+    def row(variant: str, mode: str, **stages: float) -> dict:
+        return {"variant": variant, "mode": mode, "stages": stages, "peak_rss_mib": 1000.0}
+
+    rows = [
+        row("bare-b1", "-", forward=40.0, total=40.0),
+        row("bare-batched", "-", forward=32.0, total=32.0),
+        row("bare-backbone", "-", forward=25.0, total=25.0),
+        row("peft", "ipm", calibrate=100.0, decompose=20.0, init=0.0, total=120.0),
+        row("ours", "ipm", calibrate=50.0, decompose=10.0, init=0.0, total=60.0),
+        row("ours-backbone", "ipm", calibrate=40.0, decompose=10.0, init=0.0, total=50.0),
+    ]
+    lines = {line.split(" | ")[1]: line for line in table(rows).splitlines()[2:]}
+    assert "| 2.00× | 50% | 88% |" in lines["ours"]  # 120/60; (60-40)/40; (60-32)/32
+    assert "| 2.40× | 25% | 100% |" in lines["ours-backbone"]
+    assert "| 1.00× | 200% | 200% |" in lines["peft"]
