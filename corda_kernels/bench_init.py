@@ -17,6 +17,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 
 # floors: the bare forward passes (no hooks) of the whole model at batch 1 and batched, and of
@@ -28,7 +29,9 @@ OWN_FLOOR = {"peft": "bare-b1", "ours": "bare-batched", "ours-backbone": "bare-b
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _worker(variant: str, mode: str, samples: int, seq_len: int, rank: int, batch: int, method: str) -> dict:
+def _worker(
+    variant: str, mode: str, samples: int, seq_len: int, rank: int, batch: int, method: str, adapters: str | None
+) -> dict:
     import resource
 
     import torch
@@ -88,14 +91,71 @@ def _worker(variant: str, mode: str, samples: int, seq_len: int, rank: int, batc
         stages["calibrate"] = timed["run_model"]
         stages["decompose"] = total - timed["run_model"]
         t1 = time.perf_counter()
-        get_peft_model(model, cfg)
+        peft_model = get_peft_model(model, cfg)
         stages["init"] = time.perf_counter() - t1
+        if adapters:
+            _save_adapters(peft_model, adapters)
     stages["total"] = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"variant": variant, "mode": mode, "stages": stages, "peak_rss_mib": peak, "rss_after_load_mib": rss0}
 
 
-def _run(variant: str, mode: str, args: argparse.Namespace) -> dict:
+def _save_adapters(peft_model, path: str) -> None:  # noqa: ANN001
+    """``{layer: (A, B)}`` of every LoRA layer, float32 on the CPU, to ``path``."""
+    import torch
+
+    out = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            A = module.lora_A["default"].weight.detach().float().cpu()
+            B = module.lora_B["default"].weight.detach().float().cpu()
+            out[name.removeprefix("base_model.model.")] = (A, B)
+    torch.save(out, path)
+
+
+def adapter_agreement(test_path: str, ref_path: str, scaling: float = 1.0) -> dict[str, float]:
+    """Worst and median over layers of :func:`compare_triplets` between two saved adapter sets."""
+    import statistics
+
+    import torch
+
+    from corda_kernels.fast_cosvd import compare_triplets, triplets_from_adapter
+
+    test, ref = torch.load(test_path), torch.load(ref_path)
+    rows = [
+        compare_triplets(triplets_from_adapter(*test[n], scaling), triplets_from_adapter(*ref[n], scaling))
+        for n in sorted(set(test) & set(ref))
+    ]
+    if not rows:
+        raise ValueError(f"no layer in common between {test_path} and {ref_path}")
+    out: dict[str, float] = {"layers": len(rows)}
+    for key, worst in (("sv_rel_err", max), ("product_rel_err", max), ("u_cos_min", min), ("v_cos_min", min)):
+        vals = [r[key] for r in rows]
+        out[f"{key}_worst"] = worst(vals)
+        out[f"{key}_median"] = statistics.median(vals)
+    return out
+
+
+# (test, reference) pairs compared after the runs: the drop-in (exact CO-SVD) against PEFT, and
+# the fast CO-SVD (backbone row) against the drop-in's exact one
+COMPARISONS = (("ours", "peft"), ("ours-backbone", "ours"))
+
+
+def agreement_table(agreements: dict[str, dict]) -> str:
+    lines = [
+        "| mode | adapters | against | σ rel err worst / median | s·B·A rel diff worst / median | U cos min |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, a in agreements.items():
+        mode, test, ref = key.split(":")
+        lines.append(
+            f"| {mode} | {test} | {ref} | {a['sv_rel_err_worst']:.1e} / {a['sv_rel_err_median']:.1e} | "
+            f"{a['product_rel_err_worst']:.1e} / {a['product_rel_err_median']:.1e} | {a['u_cos_min_worst']:.6f} |"
+        )
+    return "\n".join(lines)
+
+
+def _run(variant: str, mode: str, args: argparse.Namespace, adapters: str | None = None) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -113,8 +173,10 @@ def _run(variant: str, mode: str, args: argparse.Namespace) -> dict:
         "--batch",
         str(args.batch),
         "--method",
-        args.method,
+        args.dropin_method if variant == "ours" else args.method,
     ]
+    if adapters:
+        cmd += ["--adapters", adapters]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -157,25 +219,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--method", default="fast", choices=["exact", "fast"])
+    p.add_argument("--method", default="fast", choices=["exact", "fast"], help="CO-SVD of the backbone row")
+    p.add_argument(
+        "--dropin-method", default="exact", choices=["exact", "fast"], help="CO-SVD of the drop-in row (its default)"
+    )
     p.add_argument("--modes", default="ipm,kpm")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="ipm", help=argparse.SUPPRESS)
+    p.add_argument("--adapters", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        row = _worker(args.worker, args.mode, args.samples, args.seq_len, args.rank, args.batch, args.method)
+        row = _worker(
+            args.worker, args.mode, args.samples, args.seq_len, args.rank, args.batch, args.method, args.adapters
+        )
         print(json.dumps(row))
         return 0
     rows = [_run(v, "-", args) for v in FLOORS]
-    for mode in args.modes.split(","):
-        for variant in VARIANTS:
-            rows.append(_run(variant, mode, args))
-            print(f"done {variant} {mode}: {rows[-1]['stages']}", file=sys.stderr, flush=True)
+    agreements: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes.split(","):
+            for variant in VARIANTS:
+                rows.append(_run(variant, mode, args, adapters=f"{tmp}/{variant}-{mode}.pt"))
+                print(f"done {variant} {mode}: {rows[-1]['stages']}", file=sys.stderr, flush=True)
+            for test, ref in COMPARISONS:
+                pair = (f"{tmp}/{test}-{mode}.pt", f"{tmp}/{ref}-{mode}.pt")
+                agreements[f"{mode}:{test}:{ref}"] = adapter_agreement(*pair)
     print(table(rows))
+    print()
+    print(agreement_table(agreements))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"rows": rows, "adapter_agreement": agreements}, f, indent=2)
     return 0
 
 

@@ -26,10 +26,9 @@ from tqdm.auto import tqdm
 from . import cache, data
 from .adapters import build_adapter, lora_scaling
 from .calibration import CovarianceCollector, in_features, linear_weight
-from .damping import fix_covariance
 from .peft import target_modules
 from .pipeline import check_ranks, decompose_layers
-from .spectra import compactness, eig_extremes
+from .spectra import compactness
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -241,8 +240,8 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
         report.layers[name] = item["info"]
     todo = {name: m for name, m in targets.items() if name not in done}
     last_save = time.perf_counter()
-    extremes: dict[tuple[int, float], tuple[float, float]] = {}
-    for res in decompose_layers(todo, covs, ranks, opts.mode, method=opts.method, progress=opts.progress):
+    layers = decompose_layers(todo, covs, ranks, opts.mode, method=opts.method, progress=opts.progress, extremes=True)
+    for res in layers:
         module = targets[res.name]
         s = lora_scaling(alphas[res.name], ranks[res.name], opts.rslora)
         A, B, W_res = build_adapter(linear_weight(module).detach(), res.U, res.S, res.V, s)
@@ -252,7 +251,7 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
             **res.info,
             "alpha": alphas[res.name],
             "scaling": s,
-            **_compactness(covs[res.name], res, extremes, opts.mode),
+            **_compactness(res, opts.mode),
         }
         done[res.name] = {"A": A, "B": B, "scaling": s, "info": report.layers[res.name]}
         if time.perf_counter() - last_save > 20:
@@ -261,22 +260,17 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
     return adapters
 
 
-def _compactness(C: torch.Tensor, res, extremes: dict, mode: str) -> dict[str, float]:  # noqa: ANN001
+def _compactness(res, mode: str) -> dict[str, float]:  # noqa: ANN001
     """π(C_fix) (DESIGN §3.5) and, for KPM, the truncation bound σ_(r)·π of the frozen bottom r.
 
-    λ_min/λ_max are computed once per distinct covariance (layers sharing an input share them).
-    For IPM the bottom spectrum is not computed by the decomposition; ``--dynamic`` reports it.
+    λ_min/λ_max come from the pipeline (Lanczos on the damped covariance and its inverse, once
+    per distinct covariance). For IPM the bottom spectrum of ``W·C_fix`` is not computed by
+    the decomposition; ``--dynamic`` reports it.
     """
-    key = (id(C), res.damp)
-    if key not in extremes:
-        C_fix = fix_covariance(C.float().unsqueeze(0), torch.tensor([res.damp], dtype=torch.float64))
-        lo, hi = eig_extremes(C_fix[0])
-        extremes[key] = (float(lo), float(hi))
-    lo, hi = extremes[key]
-    pi = compactness(lo, hi, res.U.shape[0])
-    out = {"lambda_min": lo, "lambda_max": hi, "compactness": pi}
+    lo, hi = res.info["lambda_min"], res.info["lambda_max"]
+    out = {"compactness": compactness(lo, hi, res.U.shape[0])}
     if mode == "kpm":  # the adapters are the bottom r: σ_(r) is the largest of them
-        out["truncation_bound"] = float(res.S.max()) * pi
+        out["truncation_bound"] = float(res.S.max()) * out["compactness"]
     return out
 
 

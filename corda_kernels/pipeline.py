@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .calibration import linear_weight
 from .damping import DampingError, damped_inverse
 from .decomposition import cosvd
+from .spectra import eig_extremes_fast
 
 CORDA_METHODS = ("ipm", "kpm")
 _DAMP_BATCH = 8  # covariances damped together (bounded memory: 2 extra n×n per matrix)
@@ -66,6 +67,7 @@ def decompose_layers(
     *,
     method: str = "fast",
     progress: bool = True,
+    extremes: bool = False,
 ) -> Iterator[LayerResult]:
     """Yield each layer's cropped CO-SVD (IPM: top ``r``, KPM: bottom ``r``), grouped by covariance.
 
@@ -73,6 +75,8 @@ def decompose_layers(
     Same-shaped layers of a damping chunk go through :func:`cosvd` as one batch.
     ``info["method"]`` is the method actually used (``fast-ipm``, ``fast-kpm-lu``, ``fast-kpm-gram``,
     ``fast-kpm-qr``, ``exact-fallback`` or ``exact``), ``info["accuracy"]`` its estimates.
+    With ``extremes``, ``info`` also gets ``lambda_min`` / ``lambda_max`` of the damped covariance
+    (Lanczos, :func:`~corda_kernels.spectra.eig_extremes_fast`) and their ``lambda_rel_bound``.
     """
     which = which_for(corda_method)
     check_ranks(modules, ranks)
@@ -89,12 +93,20 @@ def decompose_layers(
             chunk = group[start : start + _DAMP_BATCH]
             t0 = time.perf_counter()
             try:
-                C_fix, _, damps = damped_inverse(torch.stack([C.float() for C, _ in chunk]))
+                C_fix, C_inv, damps = damped_inverse(torch.stack([C.float() for C, _ in chunk]))
             except DampingError as err:
                 raise DampingError(err.index, f"layer(s) {', '.join(chunk[err.index][1])}: {err}") from err
             except ValueError as err:
                 bad = [names for C, names in chunk if not bool(torch.isfinite(C).all())]
                 raise ValueError(f"layer(s) {', '.join(bad[0]) if bad else '?'}: {err}") from err
+            spectrum: list[dict] = [{} for _ in chunk]
+            if extremes:
+                lo, hi, bound = eig_extremes_fast(C_fix, C_inv)
+                spectrum = [
+                    {"lambda_min": float(lo[i]), "lambda_max": float(hi[i]), "lambda_rel_bound": float(bound[i].max())}
+                    for i in range(len(chunk))
+                ]
+            del C_inv
             damp_time = (time.perf_counter() - t0) / len(chunk)
             # same-shaped layers of the chunk (same rank) go through cosvd as one batch
             batches: dict[tuple, list[tuple[str, int]]] = {}
@@ -120,6 +132,7 @@ def decompose_layers(
                         "accuracy": acc_info,
                         "batch": len(members),
                         "time_s": per_layer + damp_time / len(chunk[i][1]),
+                        **spectrum[i],
                     }
                     yield LayerResult(name, U[j].clone(), S[j].clone(), V[j].clone(), float(damps[i]), info)
                     bar.update(1)

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from corda_kernels import data
 from corda_kernels.cache import CacheMismatchError
 from corda_kernels.cli import main
+from corda_kernels.damping import fix_covariance
 from corda_kernels.init_job import InitOptions, run_init
 from tests.conftest import rel_err
 from tests.tiny_models import VOCAB, tiny_llama
@@ -52,9 +53,15 @@ def test_init_writes_loadable_peft_adapter(tiny_dir: Path, tmp_path: Path, mode:
     saved = json.loads((tmp_path / "report.json").read_text())
     assert set(saved["stages"]) >= {"load", "calibrate", "decompose", "export", "verify"}
     assert saved["peak_rss_mib"] > 0
-    for row in saved["layers"].values():
+    covs = torch.load(tmp_path / "covariance.pt", weights_only=False)["data"]["covariances"]
+    for name, row in saved["layers"].items():
         assert row["compactness"] == pytest.approx((row["shape"][0] * row["lambda_max"]) ** 0.5 / row["lambda_min"])
         assert ("truncation_bound" in row) == (mode == "kpm")
+        # the Lanczos extremes against a float64 eigvalsh of the damped covariance
+        C_fix = fix_covariance(covs[name][None], torch.tensor([row["damp"]], dtype=torch.float64))[0]
+        ev = torch.linalg.eigvalsh(C_fix.double())
+        assert row["lambda_min"] == pytest.approx(float(ev[0]), rel=1e-4)
+        assert row["lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-6)
 
     original = AutoModelForCausalLM.from_pretrained(tiny_dir)
     residual = AutoModelForCausalLM.from_pretrained(tmp_path / "residual")
