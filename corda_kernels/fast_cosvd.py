@@ -18,6 +18,8 @@ below ``tol/100`` — the values, and with them the captured energy
 ``Σ_{i≤r} σ̃_i² = ‖P_r M‖_F²``, converge with or without any gap, so this criterion stops flat
 spectra (it must hold on two consecutive steps). The tolerances are raised to float32's
 resolution (``30·u₃₂·σ̃_1/σ̃_i`` for residuals, ``u₃₂·σ̃_1/σ̃_i`` for values); capped iterations.
+Where that float32 floor exceeds 1e-2 (heavy-head layers, ``σ_1/σ_r ≳ 5e3``; one down_proj of
+the embedded model has 7.8e4) the iteration continues from its basis in float64.
 A final Rayleigh–Ritz step in float64 gives the triplets and a posterior residual bound
 ``max_i ‖M v_i − σ̃_i u_i‖/σ̃_i`` (some singular value of ``M`` lies within it of each ``σ̃_i``).
 
@@ -145,6 +147,56 @@ def _estimate_remaining(hist: list[torch.Tensor]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # top r (IPM)
 # ---------------------------------------------------------------------------------------------
+_F64_FLOOR = 1e-2  # float32 residual floor above which the top iteration continues in float64
+
+
+def _top_iterate(
+    mv: Callable[[torch.Tensor], torch.Tensor],
+    mtv: Callable[[torch.Tensor], torch.Tensor],
+    Q: torch.Tensor,
+    rank: int,
+    tol: float,
+    max_iters: int,
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """Adaptive subspace iteration in ``Q``'s dtype (float32 or float64), see the module doc.
+
+    ``Q`` ``(B, m, l)`` orthonormal start. Returns the last basis, the iteration count, the
+    extrapolated remaining relative change of the Ritz values ``(B, r)`` and ``σ̃_1/σ̃_r`` ``(B,)``.
+    """
+    Bn = Q.shape[0]
+    unit = torch.finfo(Q.dtype).eps / 2
+    tiny = torch.finfo(Q.dtype).tiny
+    hist: list[torch.Tensor] = []
+    iters = 0
+    est = torch.full((Bn, rank), math.inf, dtype=torch.float64)
+    kappa = torch.ones(Bn, dtype=torch.float64)
+    stall_prev = torch.zeros(Bn, dtype=torch.bool)
+    while iters < max_iters:
+        iters += 1
+        Z = mtv(Q)  # (B, n, l) = Mᵀ Q
+        S, Yt = _ritz(Z)  # Ritz values S; u_i = Q ỹ_i, v_i = Z ỹ_i / σ_i
+        Yt = Yt.to(Q.dtype)
+        Y = mv(Z) @ Yt  # M Mᵀ Q, rotated to the Ritz basis: column i ≈ σ_i² u_i
+        Sr = S[..., :rank].to(Q.dtype).clamp_min(tiny)
+        # Ritz pair i: M v − σ u = Y_i/σ − σ Q ỹ_i
+        res = Y[..., :rank] / Sr.unsqueeze(-2) - (Q @ Yt[..., :rank]) * Sr.unsqueeze(-2)
+        rel_res = (res.norm(dim=-2) / Sr).double().cpu()
+        Sc = S[..., :rank].cpu()
+        hist.append(Sc)
+        est = _estimate_remaining(hist)
+        Q = _orth(Y)
+        # the working precision cannot resolve σ_i better than ~unit·σ_1: no criterion below that floor
+        ratio = Sc[..., :1] / Sc.clamp_min(1e-300)
+        kappa = ratio[..., -1]
+        res_ok = (rel_res <= torch.clamp(30 * unit * ratio, min=tol)).all(-1)
+        val_ok = (est <= torch.clamp(unit * ratio, min=tol * 1e-2)).all(-1)
+        stall = val_ok & stall_prev  # two consecutive iterations: one noisy ρ must not stop it
+        stall_prev = val_ok
+        if bool((res_ok | stall).all()):
+            break
+    return Q, iters, est, kappa
+
+
 def top_r(
     W: torch.Tensor,
     C_fix: torch.Tensor,
@@ -181,33 +233,23 @@ def top_r(
 
     omega = torch.randn(Bn, n, ell, generator=generator, dtype=torch.float32, device="cpu").to(dev)
     Q = _orth(mv(omega))
-    hist: list[torch.Tensor] = []
-    iters = 0
-    est = torch.full((Bn, rank), math.inf, dtype=torch.float64)
     u32 = torch.finfo(torch.float32).eps / 2
-    stall_prev = torch.zeros(Bn, dtype=torch.bool)
-    while iters < max_iters:
-        iters += 1
-        Z = mtv(Q)  # (B, n, l) = Mᵀ Q
-        S, Yt = _ritz(Z)  # Ritz values S; u_i = Q ỹ_i, v_i = Z ỹ_i / σ_i
-        Yt = Yt.float()
-        Y = mv(Z) @ Yt  # M Mᵀ Q, rotated to the Ritz basis: column i ≈ σ_i² u_i
-        Sr = S[..., :rank].float().clamp_min(torch.finfo(torch.float32).tiny)
-        # Ritz pair i: M v − σ u = Y_i/σ − σ Q ỹ_i
-        res = Y[..., :rank] / Sr.unsqueeze(-2) - (Q @ Yt[..., :rank]) * Sr.unsqueeze(-2)
-        rel_res = (res.norm(dim=-2) / Sr).double().cpu()
-        Sc = S[..., :rank].cpu()
-        hist.append(Sc)
-        est = _estimate_remaining(hist)
-        Q = _orth(Y)
-        # float32 cannot resolve σ_i better than ~ε₃₂·σ_1: no criterion below that floor
-        kappa = Sc[..., :1] / Sc.clamp_min(1e-300)
-        res_ok = (rel_res <= torch.clamp(30 * u32 * kappa, min=tol)).all(-1)
-        val_ok = (est <= torch.clamp(u32 * kappa, min=tol * 1e-2)).all(-1)
-        stall = val_ok & stall_prev  # two consecutive iterations: one noisy ρ must not stop it
-        stall_prev = val_ok
-        if bool((res_ok | stall).all()):
-            break
+    Q, iters, est, kappa = _top_iterate(mv, mtv, Q, rank, tol, max_iters)
+    # float32 cannot resolve the Ritz residuals below ~30·u₃₂·σ_1/σ_i; the final float64
+    # Rayleigh–Ritz step makes the values accurate to about that floor squared. On heavy-head
+    # layers (σ_1/σ_r ≳ 5e3: floor > 1e-2) that is not enough: continue in float64 from the basis.
+    if bool((30 * u32 * kappa > _F64_FLOOR).any()) and iters < max_iters:
+        W64_, C64_ = W.double(), C_fix.double()
+        Q, more, est, _ = _top_iterate(
+            lambda X: W64_ @ (C64_ @ X),
+            lambda Y: C64_ @ (W64_.transpose(-1, -2) @ Y),
+            _orth(Q.double()),
+            rank,
+            tol,
+            max_iters - iters,
+        )
+        iters += more
+        del W64_, C64_
     # final Rayleigh–Ritz in float64 on the converged basis
     W64 = W.double()
     C64 = C_fix.double()

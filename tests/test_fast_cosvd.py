@@ -10,6 +10,7 @@ criterion (the rank-``r`` part's error within 1e-3 of the optimal one); ``W = W_
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -365,3 +366,23 @@ def test_triplets_from_adapter_and_compare_script(tmp_path: Path, gen: torch.Gen
     direct = compare_triplets(fast, exact)
     assert abs(c["sv_rel_err"] - direct["sv_rel_err"]) < 1e-6 and c["sv_rel_err"] < 5e-3
     assert "worst" in capsys.readouterr().out
+
+
+def test_heavy_head_top_continues_in_float64(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """σ_1/σ_r = 1e5: float32 iterations alone leave σ_r ~1e-3 off; the float64 continuation fixes it."""
+    from corda_kernels import fast_cosvd as fc
+
+    n, r = 384, 16
+    Q1 = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+    Q2 = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+    s = torch.cat([torch.logspace(5, 0, r, dtype=torch.float64), torch.logspace(-0.1, -3, n - r, dtype=torch.float64)])
+    W = ((Q1 * s) @ Q2.T).float()
+    C_fix = torch.eye(n)
+    ref = reference(W, C_fix)
+    U, S, V, infos = top_r(W[None], C_fix[None], r, generator=gen)
+    c = check(W, C_fix, (U[0], S[0], V[0]), ref, r, "top", infos[0])
+    assert c["sv_rel_err"] < 1e-5, c
+    monkeypatch.setattr(fc, "_F64_FLOOR", math.inf)  # float32 only: the floor shows
+    U, S, V, infos = top_r(W[None], C_fix[None], r, generator=gen)
+    c32 = compare_triplets((U[0], S[0], V[0]), crop(ref, r, "top"))
+    assert c32["sv_rel_err"] > 10 * c["sv_rel_err"], (c32, c)
