@@ -238,18 +238,22 @@ def top_r(
     # float32 cannot resolve the Ritz residuals below ~30·u₃₂·σ_1/σ_i; the final float64
     # Rayleigh–Ritz step makes the values accurate to about that floor squared. On heavy-head
     # layers (σ_1/σ_r ≳ 5e3: floor > 1e-2) that is not enough: continue in float64 from the basis.
-    if bool((30 * u32 * kappa > _F64_FLOOR).any()) and iters < max_iters:
-        W64_, C64_ = W.double(), C_fix.double()
-        Q, more, est, _ = _top_iterate(
+    need = (30 * u32 * kappa > _F64_FLOOR).nonzero().flatten().tolist()
+    if need and iters < max_iters:  # only those matrices of the batch
+        W64_, C64_ = W[need].double(), C_fix[need].double()
+        Q64_, more, est_need, _ = _top_iterate(
             lambda X: W64_ @ (C64_ @ X),
             lambda Y: C64_ @ (W64_.transpose(-1, -2) @ Y),
-            _orth(Q.double()),
+            _orth(Q[need].double()),
             rank,
             tol,
             max_iters - iters,
         )
+        Q = Q.double()
+        Q[need] = Q64_
+        est[need] = est_need
         iters += more
-        del W64_, C64_
+        del W64_, C64_, Q64_
     # final Rayleigh–Ritz in float64 on the converged basis
     W64 = W.double()
     C64 = C_fix.double()
