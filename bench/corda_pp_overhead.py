@@ -6,7 +6,7 @@ Stages timed (seconds, CPU):
   CorDA++: ``plan_dynamic`` (K candidate dampings, values-only spectra, selection, allocation)
   + CO-SVD at the allocated ranks (``decompose_plan``).
 
-Run: ``python bench/corda_pp_overhead.py --samples 8 --seq-len 256 --rank 16 --rounds 5 --threads 1``
+Run: ``python bench/corda_pp_overhead.py --samples 16 --seq-len 256 --rank 16 --rounds 5 --threads 1``
 """
 
 from __future__ import annotations
