@@ -159,21 +159,17 @@ def test_real_layers(kind: str, which: str, gen: torch.Generator) -> None:
 
 
 @pytest.mark.parametrize("which", ["top", "bottom"])
-def test_outlier_activations(which: str, gen: torch.Generator) -> None:
-    W, C = outlier_case(320, 448, gen)
+@pytest.mark.parametrize(
+    ("make", "m", "n", "r"),
+    [(outlier_case, 320, 448, 24), (flat_case, 384, 512, 32)],
+    ids=["outlier-activations", "flat-spectra"],
+)
+def test_synthetic_spectra(make, m: int, n: int, r: int, which: str, gen: torch.Generator) -> None:  # noqa: ANN001
+    W, C = make(m, n, gen)
     C_fix = ck.damped_inverse(C)[0]
     ref = reference(W, C_fix)
-    U, S, V, infos = fast_cosvd(W, C_fix, rank=24, which=which, generator=gen)
-    check(W, C_fix, (U, S, V), ref, 24, which, infos[0])
-
-
-@pytest.mark.parametrize("which", ["top", "bottom"])
-def test_flat_spectra(which: str, gen: torch.Generator) -> None:
-    W, C = flat_case(384, 512, gen)
-    C_fix = ck.damped_inverse(C)[0]
-    ref = reference(W, C_fix)
-    U, S, V, infos = fast_cosvd(W, C_fix, rank=32, which=which, generator=gen)
-    check(W, C_fix, (U, S, V), ref, 32, which, infos[0])
+    U, S, V, infos = fast_cosvd(W, C_fix, rank=r, which=which, generator=gen)
+    check(W, C_fix, (U, S, V), ref, r, which, infos[0])
 
 
 def test_peft_fp32_bottom_is_wrong_ours_is_right(gen: torch.Generator) -> None:
