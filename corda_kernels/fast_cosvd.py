@@ -361,6 +361,21 @@ def _bottom_iterate(
 _EIGH_MAX_K = 1024  # a dense float64 eigh of the k×k Gram beats the iterations up to about here
 
 
+def _bottom_from_eigh(
+    A: torch.Tensor, G: torch.Tensor, mu: torch.Tensor, vecs: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bottom ``rank`` right vectors of the tall ``A`` ``(B, R, k)`` from ``eigh(G = AᵀA) = (mu, vecs)``.
+
+    Returns ``X`` ``(B, k, r)``, ``Pv = A X / S``, ``S`` ``(B, r)`` (ascending, re-measured with
+    ``A`` by a Rayleigh–Ritz step on the r columns) and the eigen-residuals ``‖G x − μ x‖/μ`` ``(B, r)``.
+    """
+    X = vecs[..., :rank]
+    rel = ((G @ X - X * mu[..., :rank].unsqueeze(-2)).norm(dim=-2) / mu[..., :rank].abs()).cpu()
+    Z = A @ X
+    S, Yt = _ritz(Z)  # descending
+    return (X @ Yt).flip(-1), (Z @ Yt / S.unsqueeze(-2)).flip(-1), S.flip(-1), rel
+
+
 def _bottom_result(
     W64: torch.Tensor,
     C64: torch.Tensor,
@@ -460,6 +475,7 @@ def bottom_r(
             return W64 @ (C64 @ X)
 
     A_full: torch.Tensor | None = None
+    G: torch.Tensor | None = None  # AᵀA, shared by the eigh and gram factors
     norm2: torch.Tensor | None = None
     tried: list[str] = []
     skip_gram = False
@@ -511,29 +527,12 @@ def bottom_r(
                 continue
             if A_full is None:
                 A_full = C64 @ Wt64 if wide else W64 @ C64  # tall (R, k): Mᵀ or M
-            G = A_full.transpose(-1, -2) @ A_full
+            if G is None:
+                G = A_full.transpose(-1, -2) @ A_full
             mu, Xall = torch.linalg.eigh(G)  # ascending
             norm2 = mu[..., -1].clamp_min(0).sqrt().cpu() * 1.01
             factor_err = (c * eps * mu[..., -1] / mu[..., 0].clamp_min(1e-300)).cpu()
             factor_err = torch.where(mu[..., 0].cpu() > 0, factor_err, torch.full_like(factor_err, math.inf))
-            if bool((factor_err > certify).any()):
-                tried.append(f"eigh: a-priori factor error {float(factor_err.max()):.2g} > {certify:g}")
-                skip_gram = True  # the same κ² criterion, here from the exact eigenvalues
-                continue
-            X = Xall[..., :rank]
-            res = G @ X - X * mu[..., :rank].unsqueeze(-2)
-            rel = (res.norm(dim=-2) / mu[..., :rank].abs()).cpu()
-            # values and left vectors from the exact A (Rayleigh–Ritz on the r columns)
-            S_r, Yt = _ritz(A_full @ X)
-            X = (X @ Yt).flip(-1)  # ascending σ
-            S_r = S_r.flip(-1)
-            Pv = (A_full @ X) / S_r.unsqueeze(-2)
-            X, Pv, S, it, est = X, Pv, S_r, 0, torch.zeros_like(rel)
-            bound = factor_err + rel.amax(-1) / 2
-            if bool((bound <= certify).all()):
-                return _bottom_result(W64, C64, X, Pv, S, wide, factor, it, p, bound, factor_err, rel, est, tried)
-            tried.append(f"eigh: bound {float(bound.max()):.2g} > {certify:g}")
-            continue
         elif factor in ("gram", "qr"):
             if A_full is None:
                 A_full = C64 @ Wt64 if wide else W64 @ C64  # tall (R, k): Mᵀ or M
@@ -544,7 +543,9 @@ def bottom_r(
                 if skip_gram:
                     tried.append("gram: skipped, κ(M)² too large (see eigh)")
                     continue
-                F, info = torch.linalg.cholesky_ex(A_full.transpose(-1, -2) @ A_full, upper=True)
+                if G is None:
+                    G = A_full.transpose(-1, -2) @ A_full
+                F, info = torch.linalg.cholesky_ex(G, upper=True)
                 if bool((info != 0).any()):
                     tried.append("gram: not positive definite in float64")
                     continue
@@ -567,19 +568,24 @@ def bottom_r(
             raise ValueError(f"bottom_r: unknown factor {factor!r}")
         if bool((factor_err > certify).any()):
             tried.append(f"{factor}: a-priori factor error {float(factor_err.max()):.2g} > {certify:g}")
+            skip_gram |= factor == "eigh"  # the same κ² criterion, here from the exact eigenvalues
             continue
-        X, Pv, S, rel, it, est = _bottom_iterate(
-            apply_inv,
-            apply_ritz,
-            apply_A,
-            (Bn, k),
-            rank,
-            ell,
-            tol=tol,
-            max_iters=max_iters,
-            generator=generator,
-            device=W.device,
-        )
+        if factor == "eigh":
+            X, Pv, S, rel = _bottom_from_eigh(A_full, G, mu, Xall, rank)
+            it, est = 0, torch.zeros_like(rel)
+        else:
+            X, Pv, S, rel, it, est = _bottom_iterate(
+                apply_inv,
+                apply_ritz,
+                apply_A,
+                (Bn, k),
+                rank,
+                ell,
+                tol=tol,
+                max_iters=max_iters,
+                generator=generator,
+                device=W.device,
+            )
         bound = factor_err + rel.amax(-1) / 2
         if bool((bound <= certify).all()):
             return _bottom_result(W64, C64, X, Pv, S, wide, factor, it, p, bound, factor_err, rel, est, tried)
