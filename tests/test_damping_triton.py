@@ -102,7 +102,11 @@ def test_residual_norm_near_identity(gen: torch.Generator) -> None:
     # Both fp32 checks include the product's own rounding (the rule is defined in fp32), so they
     # agree with each other far better than with the float64 value of the same residual.
     assert torch.allclose(got, torch_check, rtol=1e-4), (got, torch_check)
-    assert torch.allclose(got.double(), ref64, rtol=0.5), (got, ref64)
+    # Against float64 they differ by at most the fp32 product's rounding ‖fl(A·B) − A·B‖_F
+    # (triangle inequality), which can be as large as the residual itself: a fixed relative
+    # tolerance (0.5 before) failed for ~2% of seeds.
+    rounding = torch.linalg.matrix_norm((A @ inv).double() - A.double() @ inv.double())
+    assert bool(((got.double() - ref64).abs() <= 1e-4 * got.double() + 1.01 * rounding).all()), (got, ref64, rounding)
 
 
 def test_shifted_copy_matches_fix_covariance(gen: torch.Generator) -> None:
