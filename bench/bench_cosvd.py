@@ -18,7 +18,7 @@ Per layer, whole layer included:
 * PEFT: its damping loop (explicit ``torch.linalg.inv`` and an ``n³`` check per step), fp32
   ``W @ C_fix``, full fp32 ``torch.linalg.svd``, ``V = (Vh @ C_inv)ᵀ``, crop. Its cost does not
   depend on ``r`` or top/bottom, so it is run once per shape and cropped for every row.
-* ours: :func:`corda_kernels.damped_inverse` (the same rule; its ``damp`` is checked equal to
+* ours: :func:`corda_kernels.damping.damp_covariance` (the same rule, screened; its ``damp`` is checked equal to
   PEFT's) and :func:`corda_kernels.fast_cosvd.fast_cosvd` (top: randomized, bottom: float64).
 
 Times are medians of ``--repeats`` interleaved runs (PEFT, then every ``ours`` row) for
@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import corda_kernels as ck  # noqa: E402
+from corda_kernels.damping import damp_covariance  # noqa: E402
 from corda_kernels.fast_cosvd import compare_triplets, fast_cosvd  # noqa: E402
 
 FULL_SHAPES = [(2048, 2048), (4096, 4096), (4096, 11008)]
@@ -118,7 +119,8 @@ def peft_layer(W: torch.Tensor, C: torch.Tensor) -> tuple:
 
 def ours_layer(W: torch.Tensor, C: torch.Tensor, r: int, which: str) -> tuple:
     t0 = time.perf_counter()
-    C_fix, _, damp = ck.damped_inverse(C)
+    C_fix, damps, _ = damp_covariance(C)  # the rule's damp, screened (corda_kernels.damping)
+    damp = float(damps[0])
     t1 = time.perf_counter()
     U, S, V, infos = fast_cosvd(W, C_fix, rank=r, which=which)
     t2 = time.perf_counter()

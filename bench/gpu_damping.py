@@ -21,7 +21,7 @@ from _gpu_util import SMALL, guarded, rel_err, row, timeit  # noqa: E402
 
 import corda_kernels as ck  # noqa: E402
 import corda_kernels.kernels.damping_triton as dt  # noqa: E402
-from corda_kernels.damping import fix_covariance  # noqa: E402
+from corda_kernels.damping import damp_covariance, diag_means, fix_covariance  # noqa: E402
 from corda_kernels.kernels.damping_triton import residual_norm, shifted_copy  # noqa: E402
 
 
@@ -50,22 +50,28 @@ def _search(device: str, size: tuple[int, int, int, float], seed: int) -> list[d
     g = torch.Generator(device=device).manual_seed(seed)
     C = ill_conditioned(B, n, rank, device, g)
     ck.set_backend("torch")
-    f0, i0, d0 = ck.damped_inverse(C, damp=damp0)
-    t_ms = timeit(lambda: ck.damped_inverse(C, damp=damp0), device, rep_ms=300)
+    # the literal rule on both backends: the fused check is what is compared
+    f0, i0, d0 = ck.damped_inverse(C, damp=damp0, screen=False)
+    t_ms = timeit(lambda: ck.damped_inverse(C, damp=damp0, screen=False), device, rep_ms=300)
     ck.set_backend("triton")
-    f1, i1, d1 = ck.damped_inverse(C, damp=damp0)
-    o_ms = timeit(lambda: ck.damped_inverse(C, damp=damp0), device, rep_ms=300)
+    f1, i1, d1 = ck.damped_inverse(C, damp=damp0, screen=False)
+    o_ms = timeit(lambda: ck.damped_inverse(C, damp=damp0, screen=False), device, rep_ms=300)
     ck.set_backend("auto")
     same, same_fix = torch.equal(d0, d1), torch.equal(f0, f1)
     steps = [round(float(torch.log2(d / damp0))) for d in d0]
     note = f"{'pass' if same and same_fix else 'FAIL'}: damps equal={same}, C_fix equal={same_fix}, doublings {steps}"
     rows = [row("damped_inverse search", f"B={B} n={n}", o_ms, t_ms, rel_err(i1, i0), note)]
+    f3, d3, _ = damp_covariance(C, damp=damp0)  # the screen (LU + probes), no inverse handed back
+    s_ms = timeit(lambda: damp_covariance(C, damp=damp0), device, rep_ms=300)
+    ok = torch.equal(d3, d0) and torch.equal(f3, f0)
+    note = f"{'pass' if ok else 'FAIL'}: same damps and C_fix as the rule"
+    rows.append(row("damp_covariance (screen)", f"B={B} n={n}", s_ms, t_ms, 0.0, note))
     if torch.device(device).type == "cuda":
         dt.CHECK_INPUT_PRECISION = "tf32x3"
         try:
             ck.set_backend("triton")
-            f2, i2, d2 = ck.damped_inverse(C, damp=damp0)
-            x_ms = timeit(lambda: ck.damped_inverse(C, damp=damp0), device, rep_ms=300)
+            f2, i2, d2 = ck.damped_inverse(C, damp=damp0, screen=False)
+            x_ms = timeit(lambda: ck.damped_inverse(C, damp=damp0, screen=False), device, rep_ms=300)
         finally:
             dt.CHECK_INPUT_PRECISION = "ieee"
             ck.set_backend("auto")
@@ -104,7 +110,7 @@ def _kernels(device: str) -> list[dict[str, Any]]:
                         f"not used by the search; values {_r(fast)}"))  # fmt: skip
     idx = torch.arange(B, device=device)
     damps = torch.full((B,), 0.01, dtype=torch.float64)
-    shift = torch.diagonal(A, dim1=-2, dim2=-1).mean(-1) * damps.to(device=device, dtype=torch.float32)
+    shift = diag_means(A) * damps.to(device=device, dtype=torch.float32)  # rounded as the rule rounds it
     exact = torch.equal(shifted_copy(A, idx, shift), fix_covariance(A, damps))
     r_ms = timeit(lambda: fix_covariance(A, damps), device)
     o_ms = timeit(lambda: shifted_copy(A, idx, shift), device)

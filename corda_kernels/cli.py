@@ -31,6 +31,11 @@ def _add_init(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--normalization", choices=["peft", "mean"], default=d.normalization)
     p.add_argument("--method", choices=["exact", "fast"], default=d.method, help="CO-SVD method")
+    p.add_argument(
+        "--literal-damping",
+        action="store_true",
+        help="run CorDA's damping check (inverse + n³ product) at every step instead of the screen",
+    )
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
     p.add_argument("--dynamic", action="store_true", help="CorDA++: covariance selection and rank allocation")
     p.add_argument("--rounds", type=int, default=d.rounds, help="CorDA++ candidate covariances (K)")
@@ -52,6 +57,7 @@ def _run_init(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         normalization=args.normalization,
         method=args.method,
+        damping_screen=not args.literal_damping,
         rslora=args.rslora,
         dynamic=args.dynamic,
         rounds=args.rounds,

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from .backend import define_op, register_impl
-from .damping import damped_inverse
+from .damping import damp_covariance
 from .linalg import solve
 
 Which = Literal["top", "bottom", "all"]
@@ -77,7 +77,7 @@ def cosvd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CO-SVD of ``W`` ``(m, n)`` under covariance ``C`` ``(n, n)``; batches ``(B, m, n)`` too.
 
-    ``C`` is damped by the CorDA rule (:func:`damped_inverse`) unless ``C_fix`` is given.
+    ``C`` is damped by the CorDA rule (:func:`~corda_kernels.damping.damp_covariance`) unless ``C_fix`` is given.
     Returns ``(U, S, V)``: ``U`` ``(m, r)``, ``S`` ``(r,)`` descending, ``V`` ``(n, r)`` float32,
     the ``rank`` largest (``which="top"``), smallest (``"bottom"``) or all ``k`` triplets.
     ``method="fast"`` (default) takes :mod:`corda_kernels.fast_cosvd` for ``top``/``bottom``
@@ -94,7 +94,7 @@ def cosvd(
     if which != "all" and (rank is None or not 0 < rank <= k):
         raise ValueError(f"cosvd: rank {rank} must be in [1, {k}] for W of shape {tuple(W.shape)}")
     if C_fix is None:
-        C_fix = damped_inverse(C.float())[0]
+        C_fix = damp_covariance(C.float())[0]
     fast = _FAST.get("cosvd")
     if method == "fast" and fast is not None and which != "all":
         return fast(W, C_fix, rank=rank, which=which, info=info)  # type: ignore[operator]

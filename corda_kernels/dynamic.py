@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import CovarianceCollector, linear_weight
-from .damping import DampingError, damped_inverse
+from .damping import DampingError, damp_covariance
 from .decomposition import cosvd
 from .pipeline import LayerResult, group_shared, which_for
 from .spectra import candidate_spectrum, compactness, eig_extremes_fast
@@ -323,11 +323,11 @@ def plan_from_covariances(
         if any(candidates is not None and candidates[m] is not candidates[members[0]] for m in members):
             raise ValueError(f"layers {', '.join(members)} share a covariance but not their candidates")
         try:
-            C_fix, C_inv, damps = damped_inverse(covs.float())
+            C_fix, damps, _ = damp_covariance(covs.float())
         except DampingError as err:
             raise DampingError(err.index, f"layer(s) {', '.join(members)}, candidate {err.index}: {err}") from err
         t1 = time.perf_counter()
-        lo, hi, _ = eig_extremes_fast(C_fix, C_inv)  # Lanczos: ≤ 3e-5 relative on real covariances
+        lo, hi, _ = eig_extremes_fast(C_fix)  # Lanczos: ≤ 3e-5 relative on real covariances
         timings["damping_s"] += t1 - t0
         timings["spectra_s"] += time.perf_counter() - t1
         for name in members:

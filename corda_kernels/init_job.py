@@ -48,6 +48,7 @@ class InitOptions:
     batch_size: int = 8
     normalization: str = "peft"
     method: str = "fast"
+    damping_screen: bool = True
     rslora: bool = False
     dynamic: bool = False
     rounds: int = 5
@@ -240,7 +241,10 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
         report.layers[name] = item["info"]
     todo = {name: m for name, m in targets.items() if name not in done}
     last_save = time.perf_counter()
-    layers = decompose_layers(todo, covs, ranks, opts.mode, method=opts.method, progress=opts.progress, extremes=True)
+    layers = decompose_layers(
+        todo, covs, ranks, opts.mode, method=opts.method, progress=opts.progress, extremes=True,
+        screen=opts.damping_screen,
+    )  # fmt: skip
     for res in layers:
         module = targets[res.name]
         s = lora_scaling(alphas[res.name], ranks[res.name], opts.rslora)
@@ -263,7 +267,7 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
 def _compactness(res, mode: str) -> dict[str, float]:  # noqa: ANN001
     """π(C_fix) (DESIGN §3.5) and, for KPM, the truncation bound σ_(r)·π of the frozen bottom r.
 
-    λ_min/λ_max come from the pipeline (Lanczos on the damped covariance and its inverse, once
+    λ_min/λ_max come from the pipeline (Lanczos on the damped covariance and Cholesky solves with it, once
     per distinct covariance). For IPM the bottom spectrum of ``W·C_fix`` is not computed by
     the decomposition; ``--dynamic`` reports it.
     """

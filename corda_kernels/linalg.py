@@ -46,3 +46,14 @@ def lu_factor_ex(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         torch.stack([p[1] for p in parts]).reshape(*lead, -1),
         torch.stack([p[2] for p in parts]).reshape(lead),
     )
+
+
+def lu_solve(LU: torch.Tensor, pivots: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.lu_solve(LU, pivots, B)`` for ``LU`` ``(..., n, n)``, ``B`` ``(..., n, k)`` (same batch)."""
+    if not _per_matrix(LU):
+        return torch.linalg.lu_solve(LU, pivots, B)
+    lead = LU.shape[:-2]
+    Lf, Pf = LU.reshape(-1, *LU.shape[-2:]), pivots.reshape(-1, pivots.shape[-1])
+    Bf = B.expand(*lead, *B.shape[-2:]).reshape(-1, *B.shape[-2:])
+    out = [torch.linalg.lu_solve(lu, p, b) for lu, p, b in zip(Lf, Pf, Bf)]
+    return torch.stack(out).reshape(*lead, *B.shape[-2:])

@@ -105,12 +105,14 @@ def preprocess_corda(
     normalization: str = "peft",
     method: str = "exact",
     share_inputs: bool = True,
+    damping_screen: bool = True,
 ) -> None:
     """Build the CorDA ``eigens`` of every target module (PEFT's ``preprocess_corda`` arguments).
 
     Keyword-only extras: ``normalization`` (``peft`` = PEFT's per-sequence max, or ``mean``),
     ``method`` of the CO-SVD (``exact`` / ``fast``), ``share_inputs`` (one covariance per
-    distinct input tensor).
+    distinct input tensor), ``damping_screen`` (``False``: the literal damping check at every
+    step; the damp is the same, :mod:`corda_kernels.damping`).
     """
     cfg = lora_config.corda_config
     if cfg is None:
@@ -149,7 +151,10 @@ def preprocess_corda(
         model, lora_config, run_model, hooked_model, targets, normalization=normalization, share_inputs=share_inputs
     )
     stored: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    for res in decompose_layers(targets, covs, ranks, cfg.corda_method, method=method, progress=bool(cfg.verbose)):
+    layers = decompose_layers(
+        targets, covs, ranks, cfg.corda_method, method=method, progress=bool(cfg.verbose), screen=damping_screen
+    )
+    for res in layers:
         attach(res.name, res.U, res.S, res.V)
         if cfg.cache_file is not None:
             stored[res.name] = (res.U, res.S, res.V)

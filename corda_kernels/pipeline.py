@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import linear_weight
-from .damping import DampingError, damped_inverse
+from .damping import DampingError, damp_covariance
 from .decomposition import cosvd
 from .spectra import eig_extremes_fast
 
@@ -68,6 +68,7 @@ def decompose_layers(
     method: str = "fast",
     progress: bool = True,
     extremes: bool = False,
+    screen: bool = True,
 ) -> Iterator[LayerResult]:
     """Yield each layer's cropped CO-SVD (IPM: top ``r``, KPM: bottom ``r``), grouped by covariance.
 
@@ -77,6 +78,8 @@ def decompose_layers(
     ``fast-kpm-qr``, ``exact-fallback`` or ``exact``), ``info["accuracy"]`` its estimates.
     With ``extremes``, ``info`` also gets ``lambda_min`` / ``lambda_max`` of the damped covariance
     (Lanczos, :func:`~corda_kernels.spectra.eig_extremes_fast`) and their ``lambda_rel_bound``.
+    ``info["damp_check"]`` says whether the damp was accepted by the screen or by the literal
+    check (:mod:`corda_kernels.damping`); ``screen=False`` runs the literal rule for every layer.
     """
     which = which_for(corda_method)
     check_ranks(modules, ranks)
@@ -93,7 +96,7 @@ def decompose_layers(
             chunk = group[start : start + _DAMP_BATCH]
             t0 = time.perf_counter()
             try:
-                C_fix, C_inv, damps = damped_inverse(torch.stack([C.float() for C, _ in chunk]))
+                C_fix, damps, checked = damp_covariance(torch.stack([C.float() for C, _ in chunk]), screen=screen)
             except DampingError as err:
                 raise DampingError(err.index, f"layer(s) {', '.join(chunk[err.index][1])}: {err}") from err
             except ValueError as err:
@@ -101,12 +104,11 @@ def decompose_layers(
                 raise ValueError(f"layer(s) {', '.join(bad[0]) if bad else '?'}: {err}") from err
             spectrum: list[dict] = [{} for _ in chunk]
             if extremes:
-                lo, hi, bound = eig_extremes_fast(C_fix, C_inv)
+                lo, hi, bound = eig_extremes_fast(C_fix)
                 spectrum = [
                     {"lambda_min": float(lo[i]), "lambda_max": float(hi[i]), "lambda_rel_bound": float(bound[i].max())}
                     for i in range(len(chunk))
                 ]
-            del C_inv
             damp_time = (time.perf_counter() - t0) / len(chunk)
             # same-shaped layers of the chunk (same rank) go through cosvd as one batch
             batches: dict[tuple, list[tuple[str, int]]] = {}
@@ -128,6 +130,7 @@ def decompose_layers(
                         "shape": list(shape),
                         "rank": r,
                         "damp": float(damps[i]),
+                        "damp_check": "literal" if bool(checked[i]) else "screen",
                         "method": acc_info.pop("method", method),
                         "accuracy": acc_info,
                         "batch": len(members),

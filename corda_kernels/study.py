@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import CovarianceCollector, linear_weight
-from .damping import damped_inverse
+from .damping import damp_covariance
 from .decomposition import cosvd_float64
 from .dynamic import LayerSpectrum, discard_pattern, plan_dynamic
 from .spectra import compactness, eig_extremes
@@ -286,7 +286,7 @@ def run_study(
         bar = tqdm(total=len(mods), desc=desc, disable=not progress)
         for acc in collector.accumulators():
             names = [n for n in acc.members if n in mods]
-            C_fix = damped_inverse(collector.covariance(names[0]))[0]
+            C_fix = damp_covariance(collector.covariance(names[0]))[0]
             lo, hi = eig_extremes(C_fix)
             for n in names:
                 factors[n] = factor(linear_weight(mods[n]), C_fix=C_fix)

@@ -180,7 +180,7 @@ def test_fake_kernels_shapes() -> None:
 
     with FakeTensorMode():
         C = torch.empty(4, 16, 16)
-        C_fix, C_inv, d = torch.ops.corda_kernels.damped_inverse(C, 0.01, 0.05, 10)
+        C_fix, C_inv, d, chk = torch.ops.corda_kernels.damped_inverse(C, 0.01, 0.05, 10, 32, True)
         assert C_fix.shape == (4, 16, 16) and d.shape == (4,)
         U, S, V = torch.ops.corda_kernels.cosvd_full(torch.empty(10, 16), torch.empty(16, 16))
         assert (U.shape, S.shape, V.shape) == ((10, 10), (10,), (16, 10))

@@ -171,18 +171,18 @@ CHECK_INPUT_PRECISION = "ieee"
 
 @register_impl("damped_inverse", "triton")
 def _damped_inverse_triton(
-    C: torch.Tensor, damp: float, threshold: float, max_steps: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    C: torch.Tensor, damp: float, threshold: float, max_steps: int, probes: int, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The torch backend's search with the fused shift and the fused residual check.
 
-    ``C`` ``(B, n, n)`` fp32 → ``(C_fix, C_inv, damps)``: fp32 ``(B, n, n)`` twice and float64
-    ``(B,)`` on the CPU, as the torch backend returns them.
+    ``C`` ``(B, n, n)`` fp32 → ``(C_fix, C_inv, damps, checked)`` as the torch backend returns them
+    (the screen, when ``probes > 0``, is the torch backend's; its literal checks use the fused kernel).
     """
     if C.dtype != torch.float32:
         # The kernels are float32; other precisions keep the torch path's arithmetic.
         from ..damping import _damped_inverse_torch
 
-        return _damped_inverse_torch(C, damp, threshold, max_steps)
+        return _damped_inverse_torch(C, damp, threshold, max_steps, probes, inverse)
     # The same reduction as fix_covariance's (diagonal of each matrix, mean in fp32).
     diag_mean = diag_means(C)
 
@@ -196,6 +196,8 @@ def _damped_inverse_triton(
         max_steps,
         shifted=shifted,
         residual=lambda fixed, inv: residual_norm(fixed, inv, input_precision=CHECK_INPUT_PRECISION),
+        probes=probes,
+        inverse=inverse,
     )
 
 
