@@ -309,7 +309,7 @@ def _power_norm(
 
 def _bottom_iterate(
     apply_inv: Callable[[torch.Tensor], torch.Tensor],
-    apply_ritz: Callable[[torch.Tensor], torch.Tensor],
+    apply_ritz: Callable[[torch.Tensor], torch.Tensor] | None,
     apply_A: Callable[[torch.Tensor], torch.Tensor],
     shape: tuple[int, int],
     rank: int,
@@ -323,23 +323,31 @@ def _bottom_iterate(
     """Block inverse subspace iteration for the bottom right singular vectors of a tall ``A``.
 
     ``shape = (B, k)``; ``apply_inv(X)`` ≈ ``(AᵀA)⁻¹X`` (triangular / LU solves),
-    ``apply_ritz(X)`` a matrix ``G X`` with ``GᵀG ≈ AᵀA`` for the Rayleigh–Ritz steps, and
-    ``apply_A(X)`` the exact float64 ``A X`` for the final values. Returns ``X`` ``(B, k, r)``
-    (ascending σ), ``P = A X / σ``, ``S`` ``(B, r)`` ascending, the relative eigen-residuals of
-    the Ritz vectors for the inverse operator ``(B, r)`` (``‖T x − μ x‖/μ``, ``μ = xᵀ T x``;
-    measurable to ``ε·κ``, unlike a residual with ``AᵀA`` itself, ``ε·κ²``), the iteration
-    count and the extrapolated remaining change of the Ritz values ``(B, r)``.
+    ``apply_ritz(X)`` a matrix ``G X`` with ``GᵀG ≈ AᵀA`` for the Rayleigh–Ritz steps, or
+    ``None``: Rayleigh–Ritz with the inverse operator itself on the products the iteration
+    forms anyway (``XᵀT``, ``T = apply_inv(X)``), for paths where ``G`` would cost as much as a
+    step; ``apply_A(X)`` the exact float64 ``A X`` for the final values. Returns ``X``
+    ``(B, k, r)`` (ascending σ), ``P = A X / σ``, ``S`` ``(B, r)`` ascending, the relative
+    eigen-residuals of the Ritz vectors for the inverse operator ``(B, r)`` (``‖T x − μ x‖/μ``,
+    ``μ = xᵀ T x``; measurable to ``ε·κ``, unlike a residual with ``AᵀA`` itself, ``ε·κ²``), the
+    iteration count and the extrapolated remaining change of the Ritz values ``(B, r)``.
     """
     Bn, k = shape
     X = _orth(torch.randn(Bn, k, ell, generator=generator, dtype=torch.float64).to(device))
     hist: list[torch.Tensor] = []
     est = torch.full((Bn, rank), math.inf, dtype=torch.float64)
     rel = torch.full((Bn, rank), math.inf, dtype=torch.float64)
-    S = None
     it = 0
     for it in range(max_iters + 1):
         T = apply_inv(X)
-        if it > 0:  # X holds the Ritz vectors of the previous step, ascending
+        if apply_ritz is None:  # Ritz pairs of (AᵀA)⁻¹ on span(X): the largest θ = 1/σ² first
+            H = X.transpose(-1, -2) @ T
+            with _one_thread():
+                theta, Yt = torch.linalg.eigh((H + H.transpose(-1, -2)) / 2)
+            Yt, theta = Yt.flip(-1), theta.flip(-1)
+            X, T = X @ Yt, T @ Yt
+            hist.append(theta[..., :rank].clamp_min(1e-300).rsqrt().cpu())
+        if it > 0:  # X holds Ritz vectors, ascending σ
             Xr, Tr = X[..., :rank], T[..., :rank]
             mu = (Xr * Tr).sum(-2, keepdim=True)
             rel = ((Tr - Xr * mu).norm(dim=-2) / mu.squeeze(-2).abs()).cpu()
@@ -347,15 +355,31 @@ def _bottom_iterate(
             if bool(((rel.amax(-1) <= tol) | (est.amax(-1) <= 1e-2 * tol * tol)).all()) or it == max_iters:
                 break
         X = _orth(T)
-        S, Yt = _ritz(apply_ritz(X))
-        Yt, S = Yt.flip(-1), S.flip(-1)  # ascending σ̃
-        X = X @ Yt  # Ritz vectors
-        hist.append(S[..., :rank].cpu())
-    assert S is not None
+        if apply_ritz is not None:
+            S, Yt = _ritz(apply_ritz(X))
+            Yt, S = Yt.flip(-1), S.flip(-1)  # ascending σ̃
+            X = X @ Yt  # Ritz vectors
+            hist.append(S[..., :rank].cpu())
     # final values and left vectors from the exact A: A x_i = σ_i p_i
     Z = apply_A(X[..., :rank])
     S = Z.norm(dim=-2)
     return X[..., :rank], Z / S.unsqueeze(-2), S, rel, it, est
+
+
+def _max_abs(A: torch.Tensor) -> torch.Tensor:
+    """``max |A_ij|`` per matrix of ``A`` ``(B, p, q)``, without an ``|A|`` temporary."""
+    return torch.maximum(A.amax((-2, -1)), -A.amin((-2, -1)))
+
+
+def _lu_row_order(pivots: torch.Tensor) -> torch.Tensor:
+    """Row order ``perm`` ``(B, n)`` of LAPACK's 1-based row swaps ``pivots`` ``(B, n)``: ``(Pᵀ X)_i = X_perm[i]``."""
+    rows = []
+    for swaps in pivots.cpu().tolist():
+        order = list(range(len(swaps)))
+        for i, j in enumerate(swaps):
+            order[i], order[j - 1] = order[j - 1], order[i]
+        rows.append(order)
+    return torch.tensor(rows, dtype=torch.int64, device=pivots.device)
 
 
 _EIGH_MAX_K = 1024  # a dense float64 eigh of the k×k Gram beats the iterations up to about here
@@ -491,10 +515,13 @@ def bottom_r(
                 tried.append("lu: W singular or C not positive definite in float64")
                 continue
 
-            # explicit triangular factors (lu_solve / cholesky_solve copy their factor on every call)
-            P, Lw, Uw = torch.lu_unpack(LU, piv)  # W = P Lw Uw
-            perm, iperm = P.argmax(-2), P.argmax(-1)
-            LwT, UwT, LcT = (t.transpose(-1, -2).contiguous() for t in (Lw, Uw, Lc))
+            # triangular solves on the packed factor (lu_solve / cholesky_solve copy their factor on
+            # every call; a triangular solve reads only its triangle, so W = P·Lw·Uw needs no unpacking)
+            perm = _lu_row_order(piv)  # Pᵀ X = X[perm]
+            iperm = torch.argsort(perm, dim=-1)
+            Lw = Uw = LU
+            LwT = UwT = LU.transpose(-1, -2)
+            LcT = Lc.transpose(-1, -2)
 
             def rows(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
                 return torch.gather(X, -2, idx.unsqueeze(-1).expand(-1, -1, X.shape[-1]))
@@ -519,9 +546,9 @@ def bottom_r(
                 _power_norm(lambda X: W64 @ (Wt64 @ X), (Bn, n), device=dev) * _power_norm(inv_W, (Bn, n), device=dev)
             ).sqrt()
             kC = _power_norm(lambda X: C64 @ X, (Bn, n), device=dev) * _power_norm(c_inv, (Bn, n), device=dev)
-            growth = (LU.abs().amax((-2, -1)) / W64.abs().amax((-2, -1))).cpu()
+            growth = (_max_abs(LU) / _max_abs(W64)).cpu()
             factor_err = c * eps * (growth * kW * kC + kC)
-            apply_ritz = apply_A
+            apply_ritz = None  # Ritz steps with the LU operator: a product with A costs a step
         elif factor == "eigh":
             if k > _EIGH_MAX_K:
                 continue

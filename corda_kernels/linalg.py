@@ -13,7 +13,7 @@ import torch
 
 
 def _per_matrix(A: torch.Tensor) -> bool:
-    return A.device.type == "cpu" and A.dim() > 2
+    return A.device.type == "cpu" and A.dim() > 2 and A.shape[:-2].numel() > 1
 
 
 def inv_ex(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
