@@ -382,6 +382,8 @@ def _lu_row_order(pivots: torch.Tensor) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64, device=pivots.device)
 
 
+_LU_MAX_BLOCK = 10  # the LU path needs l ≤ n/_LU_MAX_BLOCK to beat forming M and a QR of it
+_LU_SMALL_N = 1024  # below, its fixed costs (norm estimates, per-matrix solves) need l ≤ n/30
 _EIGH_MAX_K = 1024  # a dense float64 eigh of the k×k Gram beats the iterations up to about here
 
 
@@ -463,8 +465,9 @@ def bottom_r(
     the relative error of every bottom singular value is ``≤ certify`` for every matrix of the
     batch; a factor whose a-priori error already exceeds ``certify`` is skipped unused:
 
-    * ``"lu"`` (square ``W`` and ``r + p ≤ n/30`` only): ``M⁻¹ = C⁻¹W⁻¹`` from an LU of ``W`` and
-      a Cholesky of ``C`` (``n³`` flops, ``M`` never formed), error ``≈ c·ε·(g·κ(W)·κ(C) + κ(C))``;
+    * ``"lu"`` (square ``W`` and ``r + p ≤ n/10`` only, ``n/30`` below ``n = 1024``): ``M⁻¹ = C⁻¹W⁻¹``
+      from an LU of ``W`` and a Cholesky of ``C`` (``n³`` flops, ``M`` never formed), error
+      ``≈ c·ε·(g·κ(W)·κ(C) + κ(C))``;
     * ``"eigh"`` (``k ≤ 1024`` only): the bottom eigenvectors of the float64 Gram matrix of
       ``M`` from one dense ``eigh``, no iterations, error ``≈ c·ε·κ(M)²`` with ``κ`` read off its
       eigenvalues (cheaper than the iterations below for small ``k``);
@@ -505,9 +508,10 @@ def bottom_r(
     skip_gram = False
     for factor in factors:
         if factor == "lu":
-            # ~10 steps of 8 triangular solves on l columns cost ~80·n²·l flops, forming M and its
-            # Gram matrix ~4·n³: the LU path only pays off for thin blocks (l ≤ n/30)
-            if m != n or 30 * ell > n:
+            # ~10 steps of 8 triangular solves on l columns cost ~80·n²·l flops, forming M and a QR
+            # of it ~3.3·n³ at a better BLAS rate: measured break-even near l = n/10 (1 thread, 2048²
+            # and 4096²: r = 64 at 2048² 1.7 s against 2.7 s for QR, r = 128 even)
+            if m != n or _LU_MAX_BLOCK * ell > n or (n < _LU_SMALL_N and 30 * ell > n):
                 continue
             LU, piv, info = lu_factor_ex(W64)
             Lc, info_c = torch.linalg.cholesky_ex(C64)

@@ -219,7 +219,7 @@ def test_square_layers_use_the_lu_path(gen: torch.Generator) -> None:
     W, C = real_case("square")
     C_fix = ck.damped_inverse(C)[0]
     ref = reference(W, C_fix)
-    # l = 12 + 6 ≤ 576/30; the gap σ_{k−12}/σ_{k−11} ≈ 1.027 is small, the oversampling pins it
+    # l = 12 + 6 ≤ 576/10; the gap σ_{k−12}/σ_{k−11} ≈ 1.027 is small, the oversampling pins it
     U, S, V, infos = bottom_r(W[None], C_fix[None], 12, oversample=6, generator=gen)
     assert infos[0]["method"] == "fast-kpm-lu", infos
     c = check(W, C_fix, (U[0], S[0], V[0]), ref, 12, "bottom", infos[0])
@@ -230,7 +230,8 @@ def test_uncertified_bottom_falls_back_to_exact(gen: torch.Generator) -> None:
     W, C = outlier_case(256, 256, gen)
     C_fix = ck.damped_inverse(C)[0]
     U, S, V, infos = bottom_r(W[None], C_fix[None], 8, certify=1e-30, generator=gen)
-    assert infos[0]["method"] == "exact-fallback" and len(infos[0]["rejected"]) == 3  # qr, eigh, gram (no lu: l > n/30)
+    assert infos[0]["method"] == "exact-fallback"
+    assert {"qr", "eigh", "gram"} <= {why.split(":")[0] for why in infos[0]["rejected"]}, infos  # lu: l > n/30
     Ue, Se, Ve = cosvd(W, C, rank=8, which="bottom", method="exact", C_fix=C_fix)
     assert torch.equal(S[0], Se)
 
