@@ -1,6 +1,7 @@
 """corda_kernels: fast, complete CorDA / CorDA++ adapter initialization.
 
-Public ops (DESIGN §5): :func:`covariance_update`, :func:`damped_inverse`, :func:`cosvd`,
+Public ops (DESIGN §5): :func:`covariance_update`, :func:`damped_inverse` (and
+:func:`damp_covariance`, its ``C_fix`` and damp without the inverse), :func:`cosvd`,
 :func:`nf4_quantize`, :func:`nf4_dequantize`, and backend selection with
 :func:`set_backend` / :func:`get_backend`. The PEFT drop-in lives in
 :mod:`corda_kernels.peft` (``preprocess_corda``).
@@ -12,7 +13,7 @@ from .adapters import CordaLinear, build_adapter, lora_scaling
 from .backend import get_backend, set_backend
 from .calibration import CovarianceCollector, NonFiniteActivationError
 from .covariance import covariance_update
-from .damping import DampingError, damped_inverse
+from .damping import DampingError, damp_covariance, damped_inverse
 from .decomposition import cosvd
 from .nf4 import nf4_dequantize, nf4_quantize, nf4_quantize_residual
 
@@ -26,6 +27,7 @@ __all__ = [
     "build_adapter",
     "cosvd",
     "covariance_update",
+    "damp_covariance",
     "damped_inverse",
     "get_backend",
     "lora_scaling",
