@@ -100,16 +100,23 @@ def _fix_inv(C: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_probe_estimate_tracks_the_residual(kind: str, gen: torch.Generator) -> None:
-    """The estimate against the exact ‖C_fix·X − I‖_F of the same LU solve (float64 product)."""
-    C = covariance(kind, 120, gen)
-    for damp in (1e-6, 1e-3, 0.1):
+    """The estimate against ‖fl(C_fix·X) − I‖_F for the same LU solve ``X`` (the float32 product the
+    rule's check takes), where the screen has to decide: residuals from 1e-4 up."""
+    C = covariance(kind, 120, gen).double()
+    C = (C - 0.999 * torch.linalg.eigvalsh(C)[0] * torch.eye(120, dtype=torch.float64)).float()  # κ up ≥ 1000×
+    checked = 0
+    for damp in (1e-10, 1e-8, 1e-6, 1e-4, 1e-3):
         F = fix_covariance(C.unsqueeze(0), torch.tensor([damp], dtype=torch.float64))
         LU, piv, info = lu_factor_ex(F)
         assert int(info[0]) == 0
         X = torch.linalg.lu_solve(LU, piv, torch.eye(120).unsqueeze(0))
-        exact = float(torch.linalg.matrix_norm(F.double() @ X.double() - torch.eye(120, dtype=torch.float64))[0])
+        exact = float(torch.linalg.matrix_norm((F @ X).double() - torch.eye(120, dtype=torch.float64))[0])
+        if exact < 1e-4:  # far below the threshold: float32 rounding noise, which the screen accepts
+            continue
         est = float(probe_residual(F, LU, piv, 32)[0])
         assert 0.4 < est / exact < 2.5, (kind, damp, est, exact, gen.initial_seed())
+        checked += 1
+    assert checked >= 1, f"no damp gave a residual ≥ 1e-4 for {kind} (seed {gen.initial_seed()})"
 
 
 def test_damp_covariance_single_matrix_and_literal(gen: torch.Generator) -> None:
