@@ -523,21 +523,18 @@ def bottom_r(
             # every call; a triangular solve reads only its triangle, so W = P·Lw·Uw needs no unpacking)
             perm = _lu_row_order(piv)  # Pᵀ X = X[perm]
             iperm = torch.argsort(perm, dim=-1)
-            Lw = Uw = LU
-            LwT = UwT = LU.transpose(-1, -2)
-            LcT = Lc.transpose(-1, -2)
 
             def rows(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
                 return torch.gather(X, -2, idx.unsqueeze(-1).expand(-1, -1, X.shape[-1]))
 
-            def w_inv(X: torch.Tensor, Lw=Lw, Uw=Uw, perm=perm) -> torch.Tensor:  # W⁻¹ = Uw⁻¹ Lw⁻¹ Pᵀ
-                return _tri(Uw, _tri(Lw, rows(X, perm), upper=False, unitriangular=True), upper=True)
+            def w_inv(X: torch.Tensor, LU=LU, perm=perm) -> torch.Tensor:  # W⁻¹ = Uw⁻¹ Lw⁻¹ Pᵀ
+                return _tri(LU, _tri(LU, rows(X, perm), upper=False, unitriangular=True), upper=True)
 
-            def w_inv_t(X: torch.Tensor, LwT=LwT, UwT=UwT, iperm=iperm) -> torch.Tensor:  # W⁻ᵀ = P Lw⁻ᵀ Uw⁻ᵀ
-                return rows(_tri(LwT, _tri(UwT, X, upper=False), upper=True, unitriangular=True), iperm)
+            def w_inv_t(X: torch.Tensor, LUt=LU.mT, iperm=iperm) -> torch.Tensor:  # W⁻ᵀ = P Lw⁻ᵀ Uw⁻ᵀ
+                return rows(_tri(LUt, _tri(LUt, X, upper=False), upper=True, unitriangular=True), iperm)
 
-            def c_inv(X: torch.Tensor, Lc=Lc, LcT=LcT) -> torch.Tensor:  # C⁻¹ = Lc⁻ᵀ Lc⁻¹
-                return _tri(LcT, _tri(Lc, X, upper=False), upper=True)
+            def c_inv(X: torch.Tensor, Lc=Lc) -> torch.Tensor:  # C⁻¹ = Lc⁻ᵀ Lc⁻¹
+                return _tri(Lc.mT, _tri(Lc, X, upper=False), upper=True)
 
             def apply_inv(X: torch.Tensor, w_inv=w_inv, w_inv_t=w_inv_t, c_inv=c_inv) -> torch.Tensor:
                 return w_inv_t(c_inv(c_inv(w_inv(X))))  # (M Mᵀ)⁻¹ = W⁻ᵀ C⁻² W⁻¹

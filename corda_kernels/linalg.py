@@ -30,8 +30,7 @@ def solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``torch.linalg.solve(A, B)`` for ``A`` ``(..., n, n)``, ``B`` ``(..., n, k)`` (same batch)."""
     if not _per_matrix(A):
         return torch.linalg.solve(A, B)
-    Af, Bf = A.reshape(-1, *A.shape[-2:]), B.expand(*A.shape[:-2], *B.shape[-2:]).reshape(-1, *B.shape[-2:])
-    return torch.stack([torch.linalg.solve(a, b) for a, b in zip(Af, Bf)]).reshape(*A.shape[:-2], *B.shape[-2:])
+    return _each_rhs(torch.linalg.solve, A, B, A.reshape(-1, *A.shape[-2:]))
 
 
 def lu_factor_ex(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,8 +51,12 @@ def lu_solve(LU: torch.Tensor, pivots: torch.Tensor, B: torch.Tensor) -> torch.T
     """``torch.linalg.lu_solve(LU, pivots, B)`` for ``LU`` ``(..., n, n)``, ``B`` ``(..., n, k)`` (same batch)."""
     if not _per_matrix(LU):
         return torch.linalg.lu_solve(LU, pivots, B)
-    lead = LU.shape[:-2]
-    Lf, Pf = LU.reshape(-1, *LU.shape[-2:]), pivots.reshape(-1, pivots.shape[-1])
+    return _each_rhs(torch.linalg.lu_solve, LU, B, LU.reshape(-1, *LU.shape[-2:]), pivots.reshape(-1, pivots.shape[-1]))
+
+
+def _each_rhs(fn, A: torch.Tensor, B: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """``fn(*factors_i, B_i)`` per matrix of the batch of ``A`` ``(..., n, n)`` (``factors`` flattened
+    to one batch dim; ``B`` ``(..., n, k)`` broadcast to it), stacked back to ``A``'s batch shape."""
+    lead = A.shape[:-2]
     Bf = B.expand(*lead, *B.shape[-2:]).reshape(-1, *B.shape[-2:])
-    out = [torch.linalg.lu_solve(lu, p, b) for lu, p, b in zip(Lf, Pf, Bf)]
-    return torch.stack(out).reshape(*lead, *B.shape[-2:])
+    return torch.stack([fn(*f, b) for *f, b in zip(*factors, Bf)]).reshape(*lead, *B.shape[-2:])
