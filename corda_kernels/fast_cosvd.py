@@ -6,11 +6,15 @@ point returns float32 ``U`` ``(…, m, r)``, ``S`` ``(…, r)`` descending and `
 with ``V = (Vh·C_fix⁻¹)ᵀ`` restricted to the chosen triplets (DESIGN §3.3), plus a list of
 per-matrix ``info`` dicts (method, iterations, accuracy estimates).
 
-Top ``r`` (:func:`top_r`): randomized subspace iteration on ``M`` applied implicitly as
-``W·(C·X)`` / ``C·(Wᵀ·Y)`` in float32, ``l = r + p`` columns, re-orthonormalized every step.
-Each step is also a Rayleigh–Ritz step, so it yields the Ritz values ``σ̃_1..σ̃_l`` (lower
-bounds of ``σ_i`` that increase monotonically) and the Ritz residuals ``‖M v_i − σ̃_i u_i‖``
-for free. Stopping is adaptive, on either of two criteria for every ``i ≤ r``: the relative
+Top ``r`` (:func:`top_r`): randomized block Krylov iteration on ``M`` applied implicitly as
+``W·(C·X)`` / ``C·(Wᵀ·Y)`` in float32: blocks of ``b = p`` columns, the basis
+``[K, MMᵀK, (MMᵀ)²K, …]`` kept whole and orthonormal (each new block orthogonalized against it
+twice), so every product with ``M`` counts — about half the products of subspace iteration on
+``l = r + p`` columns for the same residuals on the embedded model's layers. Where the basis
+has no room (``min(m, n) < 4·l``) or reaches 12 blocks, plain subspace iteration on ``l``
+columns takes over. Each step is also a Rayleigh–Ritz step, so it yields the Ritz values
+``σ̃_1..σ̃_l`` (lower bounds of ``σ_i`` that increase monotonically) and the Ritz residuals
+``‖M v_i − σ̃_i u_i‖`` for free. Stopping is adaptive, on either of two criteria for every ``i ≤ r``: the relative
 residual below ``tol`` (vectors converged; reached whenever ``σ_r/σ_{r+p+1}`` is not ~1,
 whatever the gap at ``r``, thanks to the oversampling), or the estimated remaining relative
 change of the Ritz value (last change times ``ρ/(1−ρ)``, ``ρ`` the observed contraction)
@@ -20,8 +24,9 @@ spectra (it must hold on two consecutive steps). The tolerances are raised to fl
 resolution (``30·u₃₂·σ̃_1/σ̃_i`` for residuals, ``u₃₂·σ̃_1/σ̃_i`` for values); capped iterations.
 Where that float32 floor exceeds 1e-2 (heavy-head layers, ``σ_1/σ_r ≳ 5e3``; one down_proj of
 the embedded model has 7.8e4) the iteration continues from its basis in float64.
-A final Rayleigh–Ritz step in float64 gives the triplets and a posterior residual bound
-``max_i ‖M v_i − σ̃_i u_i‖/σ̃_i`` (some singular value of ``M`` lies within it of each ``σ̃_i``).
+A final Rayleigh–Ritz step in float64 on the top ``l`` Ritz vectors gives the triplets and a
+posterior residual bound ``max_i ‖M v_i − σ̃_i u_i‖/σ̃_i`` (some singular value of ``M`` lies
+within it of each ``σ̃_i``).
 
 Bottom ``r`` (:func:`bottom_r`): everything in float64 (PEFT's fp32 product + fp32 SVD cannot
 resolve the bottom of a spectrum spanning 6–8 decades). ``A`` is the tall orientation of
@@ -148,6 +153,22 @@ def _estimate_remaining(hist: list[torch.Tensor]) -> torch.Tensor:
 # top r (IPM)
 # ---------------------------------------------------------------------------------------------
 _F64_FLOOR = 1e-2  # float32 residual floor above which the top iteration continues in float64
+_KRYLOV_MAX_BLOCKS = 12  # a Krylov basis of more blocks hands over to subspace iteration
+
+
+# The float64 products of M = W·C with a thin block are taken on row panels: (Xᵀ·W)·C rather
+# than C·(Wᵀ·X). MKL's float64 GEMM with a thin right operand runs at 7–12 GFLOP/s on one
+# core, with a thin left operand at 18–26 (measured at n = 4096, l = 16–32; float32 does not
+# care). C_fix is symmetric, so both forms are the same product.
+def _mt_rows(W: torch.Tensor, C: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Mᵀ Q, Qᵀ W)`` for ``Q`` ``(B, m, l)``: ``(B, n, l)`` (a transposed view) and ``(B, l, n)``."""
+    QtW = Q.transpose(-1, -2) @ W
+    return (QtW @ C).transpose(-1, -2), QtW
+
+
+def _m_rows(W: torch.Tensor, C: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``M X = W·C·X`` for ``X`` ``(B, n, l)`` as ``((Xᵀ C) Wᵀ)ᵀ`` (a transposed view)."""
+    return ((X.transpose(-1, -2) @ C) @ W.transpose(-1, -2)).transpose(-1, -2)
 
 
 def _top_iterate(
@@ -197,6 +218,86 @@ def _top_iterate(
     return Q, iters, est, kappa
 
 
+def _top_krylov(
+    mv: Callable[[torch.Tensor], torch.Tensor],
+    mtv: Callable[[torch.Tensor], torch.Tensor],
+    K0: torch.Tensor,
+    rank: int,
+    ell: int,
+    tol: float,
+    max_steps: int,
+    max_basis: int,
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, bool]:
+    """Block Krylov iteration in ``K0``'s dtype for the top of ``M``, the same stopping rule as ``_top_iterate``.
+
+    ``K0`` ``(B, m, b)`` orthonormal first block. Step ``j`` forms ``Z_j = Mᵀ K_j`` and ``Y_j = M Z_j``
+    (the same four products as a subspace-iteration step with ``b`` columns), does Rayleigh–Ritz
+    on the whole basis ``K = [K_0 … K_j]`` from the Gram matrix of ``[Z_0 … Z_j] = Mᵀ K`` (kept up
+    to date block by block, float64) and orthogonalizes ``Y_j`` against ``K`` (twice) for the next
+    block. The Ritz residuals ``M v_i − σ̃_i u_i`` come from the stored ``[Y_0 … Y_j] = M Mᵀ K``.
+    Keeping every block makes each product count: on the embedded model's layers this reaches
+    the tolerance with about half the products of subspace iteration at ``l = r + p``.
+
+    Returns the top ``ell`` Ritz vectors ``(B, m, ell)`` (orthonormal), the step count, the
+    extrapolated remaining relative change of the Ritz values ``(B, r)``, ``σ̃_1/σ̃_r`` ``(B,)`` and
+    whether the stopping rule was met (else the basis reached ``max_basis`` columns or
+    ``max_steps`` steps were taken).
+    """
+    Bn = K0.shape[0]
+    unit = torch.finfo(K0.dtype).eps / 2
+    tiny = torch.finfo(K0.dtype).tiny
+    K, Zc64, Yc = K0, None, None  # basis, [Z_0 … Z_j] in float64, [Y_0 … Y_j]
+    G = None  # Zc64ᵀ Zc64
+    hist: list[torch.Tensor] = []
+    est = torch.full((Bn, rank), math.inf, dtype=torch.float64)
+    kappa = torch.ones(Bn, dtype=torch.float64)
+    stall_prev = torch.zeros(Bn, dtype=torch.bool)
+    block = K0
+    steps = 0
+    while True:
+        steps += 1
+        Z = mtv(block)
+        Y = mv(Z)
+        Z64 = Z.double()
+        if Zc64 is None:
+            Zc64, Yc, G = Z64, Y, Z64.transpose(-1, -2) @ Z64
+        else:
+            cross = Zc64.transpose(-1, -2) @ Z64
+            G = torch.cat(
+                [torch.cat([G, cross], -1), torch.cat([cross.transpose(-1, -2), Z64.transpose(-1, -2) @ Z64], -1)],
+                -2,
+            )
+            Zc64, Yc = torch.cat([Zc64, Z64], -1), torch.cat([Yc, Y], -1)
+        width = K.shape[-1]
+        # always grow to ell columns (the caller keeps ell ≤ 4·b ≤ max_basis), then within the limits
+        grows = width + block.shape[-1] <= max_basis and (steps < max_steps or width < ell)
+        if width >= ell:  # enough Ritz pairs to judge (and to hand over)
+            with _one_thread():
+                _, Yt = torch.linalg.eigh((G + G.transpose(-1, -2)) / 2)
+            Yt = Yt.flip(-1)[..., :ell]
+            S = (Zc64 @ Yt).norm(dim=-2)  # ‖Mᵀ u_i‖, measured rather than √θ
+            Ytr = Yt[..., :rank].to(K.dtype)
+            Sr = S[..., :rank].to(K.dtype).clamp_min(tiny)
+            res = (Yc @ Ytr) / Sr.unsqueeze(-2) - (K @ Ytr) * Sr.unsqueeze(-2)  # M v_i − σ̃_i u_i
+            rel_res = (res.norm(dim=-2) / Sr).double().cpu()
+            Sc = S[..., :rank].cpu()
+            hist.append(Sc)
+            est = _estimate_remaining(hist)
+            ratio = Sc[..., :1] / Sc.clamp_min(1e-300)
+            kappa = ratio[..., -1]
+            res_ok = (rel_res <= torch.clamp(30 * unit * ratio, min=tol)).all(-1)
+            val_ok = (est <= torch.clamp(unit * ratio, min=tol * 1e-2)).all(-1)
+            stall = val_ok & stall_prev
+            stall_prev = val_ok
+            done = bool((res_ok | stall).all())
+            if done or not grows:
+                return _orth(K @ Yt.to(K.dtype)), steps, est, kappa, done
+        block = Y
+        for _ in range(2):  # twice is enough, normalized in between (the block can be nearly in span(K))
+            block = _orth(block - K @ (K.transpose(-1, -2) @ block))
+        K = torch.cat([K, block], -1)
+
+
 def top_r(
     W: torch.Tensor,
     C_fix: torch.Tensor,
@@ -206,44 +307,71 @@ def top_r(
     tol: float = TOP_TOL,
     max_iters: int = 40,
     generator: torch.Generator | None = None,
+    krylov: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict]]:
-    """Top-``rank`` CO-SVD triplets by adaptive randomized subspace iteration (see module doc).
+    """Top-``rank`` CO-SVD triplets by adaptive randomized block Krylov / subspace iteration (module doc).
 
     ``W`` ``(B, m, n)``, ``C_fix`` ``(B, n, n)`` (any float dtype; iterations in float32, the
-    final Rayleigh–Ritz step and ``V`` in float64). Returns float32 ``U`` ``(B, m, r)``,
+    final Rayleigh–Ritz step and ``V`` in float64). ``krylov``: ``None`` picks block Krylov where
+    the basis has room (``min(m, n) ≥ 4·l``) and ``l ≤ 4·p``; ``False`` forces subspace iteration,
+    ``True`` Krylov wherever the basis has room.
+    ``max_iters`` bounds the Krylov steps plus iterations. Returns float32 ``U`` ``(B, m, r)``,
     ``S`` ``(B, r)`` descending, ``V`` ``(B, n, r)`` and one info dict per matrix.
     """
     Bn, m, n = W.shape
     k = min(m, n)
     p = default_oversample(rank, k) if oversample is None else max(0, min(oversample, k - rank))
     ell = rank + p
+    # block Krylov with blocks of b = p columns where the basis has room to grow (k ≥ 4·l) and
+    # l ≤ 4·b; subspace iteration on l columns otherwise (small matrices: cheap either way)
+    use_krylov = k >= 4 * ell and p > 0 and (4 * p >= ell if krylov is None else krylov)
+    b = p if use_krylov else ell
     W32 = W.float()
     C32 = C_fix.float()
     dev = W.device
 
-    # M applied implicitly costs 2·l·(n² + m·n) per iteration, explicitly 2·l·m·n after m·n²
-    # once: form it when m < 12·l (about six iterations amortize it).
-    M32 = W32 @ C32 if m < 12 * ell else None
+    # M applied implicitly costs 2·b·(n² + m·n) per step, explicitly 2·b·m·n after m·n² once:
+    # form it when m < 12·b (about six steps amortize it).
+    M32 = W32 @ C32 if m < 12 * b else None
+
+    matvecs = [0]  # columns multiplied by M or Mᵀ, all precisions
 
     def mv(X: torch.Tensor) -> torch.Tensor:  # M X = W (C X)
+        matvecs[0] += X.shape[-1]
         return M32 @ X if M32 is not None else W32 @ (C32 @ X)
 
     def mtv(Y: torch.Tensor) -> torch.Tensor:  # Mᵀ Y = C (Wᵀ Y)
+        matvecs[0] += Y.shape[-1]
         return M32.transpose(-1, -2) @ Y if M32 is not None else C32 @ (W32.transpose(-1, -2) @ Y)
 
-    omega = torch.randn(Bn, n, ell, generator=generator, dtype=torch.float32, device="cpu").to(dev)
+    omega = torch.randn(Bn, n, b, generator=generator, dtype=torch.float32, device="cpu").to(dev)
     Q = _orth(mv(omega))
     u32 = torch.finfo(torch.float32).eps / 2
-    Q, iters, est, kappa = _top_iterate(mv, mtv, Q, rank, tol, max_iters)
+    iters, done = 0, False
+    if use_krylov:
+        max_basis = min(k, max(_KRYLOV_MAX_BLOCKS * b, ell + b))  # room to reach ell columns (k ≥ 4·l)
+        Q, iters, est, kappa, done = _top_krylov(mv, mtv, Q, rank, ell, tol, max_iters, max_basis)
+    krylov_steps = iters
+    if not done and iters < max_iters:  # no Krylov basis, or it reached its size limit: subspace iteration
+        Q, more, est, kappa = _top_iterate(mv, mtv, Q, rank, tol, max_iters - iters)
+        iters += more
     # float32 cannot resolve the Ritz residuals below ~30·u₃₂·σ_1/σ_i; the final float64
     # Rayleigh–Ritz step makes the values accurate to about that floor squared. On heavy-head
     # layers (σ_1/σ_r ≳ 5e3: floor > 1e-2) that is not enough: continue in float64 from the basis.
     need = (30 * u32 * kappa > _F64_FLOOR).nonzero().flatten().tolist()
     if need and iters < max_iters:  # only those matrices of the batch
         W64_, C64_ = W[need].double(), C_fix[need].double()
+        def mv64(X: torch.Tensor) -> torch.Tensor:
+            matvecs[0] += X.shape[-1]
+            return _m_rows(W64_, C64_, X)
+
+        def mtv64(Y: torch.Tensor) -> torch.Tensor:
+            matvecs[0] += Y.shape[-1]
+            return _mt_rows(W64_, C64_, Y)[0]
+
         Q64_, more, est_need, _ = _top_iterate(
-            lambda X: W64_ @ (C64_ @ X),
-            lambda Y: C64_ @ (W64_.transpose(-1, -2) @ Y),
+            mv64,
+            mtv64,
             _orth(Q[need].double()),
             rank,
             tol,
@@ -258,14 +386,14 @@ def top_r(
     W64 = W.double()
     C64 = C_fix.double()
     Q64 = _orth(Q.double())
-    Z = C64 @ (W64.transpose(-1, -2) @ Q64)  # Mᵀ Q
+    Z, QtW = _mt_rows(W64, C64, Q64)  # Mᵀ Q
     S, Yt = _ritz(Z)
     Yt = Yt[..., :rank]
     U = Q64 @ Yt
     Sr = S[..., :rank]
     Pr = (Z @ Yt) / Sr.unsqueeze(-2)  # v_i: Mᵀ u_i = σ_i v_i
-    V = (W64.transpose(-1, -2) @ U) / Sr.unsqueeze(-2)  # = C⁻¹ v exactly for these Ritz pairs
-    res = W64 @ (C64 @ Pr) - U * Sr.unsqueeze(-2)
+    V = (Yt.transpose(-1, -2) @ QtW).transpose(-1, -2) / Sr.unsqueeze(-2)  # Wᵀ U = C⁻¹ v for these pairs
+    res = _m_rows(W64, C64, Pr) - U * Sr.unsqueeze(-2)
     rel_res = (res.norm(dim=-2) / Sr).cpu()
     infos = []
     for b in range(Bn):
@@ -276,6 +404,8 @@ def top_r(
             {
                 "method": "fast-ipm",
                 "iterations": iters,
+                "krylov_steps": krylov_steps,
+                "matvecs": matvecs[0],
                 "oversample": p,
                 "sv_rel_bound": float(rel_res[b].max()),
                 "sv_change_est": float(est[b].max()),
@@ -405,6 +535,7 @@ def _bottom_from_eigh(
 def _bottom_result(
     W64: torch.Tensor,
     C64: torch.Tensor,
+    Lc: torch.Tensor | None,
     X: torch.Tensor,
     Pv: torch.Tensor,
     S: torch.Tensor,
@@ -420,15 +551,16 @@ def _bottom_result(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict]]:
     """Certified bottom triplets → float32 ``U``, ``S`` (descending), ``V`` and the info dicts.
 
-    ``X`` ``(B, k, r)`` are the right vectors of the tall ``A``, ``Pv = A X / S``, ``S`` ascending.
+    ``X`` ``(B, k, r)`` are the right vectors of the tall ``A``, ``Pv = A X / S``, ``S`` ascending;
+    ``Lc`` the lower Cholesky factor of ``C64`` where the path has it (else it is computed).
     """
     X, Pv, S = X.flip(-1), Pv.flip(-1), S.flip(-1)  # descending
     if wide:
         U = X
-        V = (W64.transpose(-1, -2) @ U) / S.unsqueeze(-2)  # = C⁻¹ v (Mᵀu = σ v exactly)
+        V = (U.transpose(-1, -2) @ W64).transpose(-1, -2) / S.unsqueeze(-2)  # = C⁻¹ v (Mᵀu = σ v exactly)
     else:
         U = Pv
-        V = torch.cholesky_solve(X, torch.linalg.cholesky(C64))
+        V = torch.cholesky_solve(X, torch.linalg.cholesky(C64) if Lc is None else Lc)
     infos = [
         {
             "method": f"fast-kpm-{factor}",
@@ -495,13 +627,14 @@ def bottom_r(
     if wide:  # A = Mᵀ = C Wᵀ (n×m), AᵀA = M Mᵀ
 
         def apply_A(X: torch.Tensor) -> torch.Tensor:
-            return C64 @ (Wt64 @ X)
+            return _mt_rows(W64, C64, X)[0]
     else:  # A = M = W C (m×n)
 
         def apply_A(X: torch.Tensor) -> torch.Tensor:
-            return W64 @ (C64 @ X)
+            return _m_rows(W64, C64, X)
 
     A_full: torch.Tensor | None = None
+    Lc: torch.Tensor | None = None  # Cholesky factor of C_fix (the lu path's, reused for V)
     G: torch.Tensor | None = None  # AᵀA, shared by the eigh and gram factors
     norm2: torch.Tensor | None = None
     tried: list[str] = []
@@ -514,10 +647,11 @@ def bottom_r(
             if m != n or _LU_MAX_BLOCK * ell > n or (n < _LU_SMALL_N and 30 * ell > n):
                 continue
             LU, piv, info = lu_factor_ex(W64)
-            Lc, info_c = torch.linalg.cholesky_ex(C64)
+            L_C, info_c = torch.linalg.cholesky_ex(C64)
             if bool((info != 0).any() | (info_c != 0).any()):
                 tried.append("lu: W singular or C not positive definite in float64")
                 continue
+            Lc = L_C
 
             # triangular solves on the packed factor (lu_solve / cholesky_solve copy their factor on
             # every call; a triangular solve reads only its triangle, so W = P·Lw·Uw needs no unpacking)
@@ -533,8 +667,8 @@ def bottom_r(
             def w_inv_t(X: torch.Tensor, LUt=LU.mT, iperm=iperm) -> torch.Tensor:  # W⁻ᵀ = P Lw⁻ᵀ Uw⁻ᵀ
                 return rows(_tri(LUt, _tri(LUt, X, upper=False), upper=True, unitriangular=True), iperm)
 
-            def c_inv(X: torch.Tensor, Lc=Lc) -> torch.Tensor:  # C⁻¹ = Lc⁻ᵀ Lc⁻¹
-                return _tri(Lc.mT, _tri(Lc, X, upper=False), upper=True)
+            def c_inv(X: torch.Tensor, L_C=L_C) -> torch.Tensor:  # C⁻¹ = L_C⁻ᵀ L_C⁻¹
+                return _tri(L_C.mT, _tri(L_C, X, upper=False), upper=True)
 
             def apply_inv(X: torch.Tensor, w_inv=w_inv, w_inv_t=w_inv_t, c_inv=c_inv) -> torch.Tensor:
                 return w_inv_t(c_inv(c_inv(w_inv(X))))  # (M Mᵀ)⁻¹ = W⁻ᵀ C⁻² W⁻¹
@@ -616,7 +750,7 @@ def bottom_r(
             )
         bound = factor_err + rel.amax(-1) / 2
         if bool((bound <= certify).all()):
-            return _bottom_result(W64, C64, X, Pv, S, wide, factor, it, p, bound, factor_err, rel, est, tried)
+            return _bottom_result(W64, C64, Lc, X, Pv, S, wide, factor, it, p, bound, factor_err, rel, est, tried)
         tried.append(
             f"{factor}: bound {float(bound.max()):.2g} (factor {float(factor_err.max()):.2g}, "
             f"residual {float(rel.max()):.2g}) > {certify:g} after {it} iterations"

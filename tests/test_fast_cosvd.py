@@ -264,6 +264,47 @@ def test_adaptive_stopping_tracks_the_spectrum(gen: torch.Generator) -> None:
     check(W_flat, C_fix, tuple(t[0] for t in got[:3]), reference(W_flat, C_fix), r, "top", got[3][0])
 
 
+@pytest.mark.parametrize("case", ["real-square", "outlier-activations"])
+def test_krylov_needs_fewer_products_than_subspace_iteration(case: str, gen: torch.Generator) -> None:
+    """Block Krylov (the default) keeps every block: the same criteria with clearly fewer products."""
+    W, C = real_case("square") if case == "real-square" else outlier_case(512, 512, gen)
+    C_fix = ck.damped_inverse(C)[0]
+    ref = reference(W, C_fix)
+    r = 24
+    got = {}
+    for krylov in (None, False):
+        U, S, V, infos = top_r(W[None], C_fix[None], r, generator=gen, krylov=krylov)
+        check(W, C_fix, (U[0], S[0], V[0]), ref, r, "top", infos[0])
+        got[krylov] = infos[0]
+    assert got[None]["krylov_steps"] > 0 and got[False]["krylov_steps"] == 0, got
+    assert got[None]["matvecs"] < 0.8 * got[False]["matvecs"], got
+
+
+def test_krylov_basis_limit_hands_over_to_subspace_iteration(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Krylov basis capped at 3 blocks cannot settle a flat spectrum; subspace iteration finishes it."""
+    from corda_kernels import fast_cosvd as fc
+
+    monkeypatch.setattr(fc, "_KRYLOV_MAX_BLOCKS", 3)
+    W, C = flat_case(384, 384, gen)
+    C_fix = ck.damped_inverse(C)[0]
+    U, S, V, infos = top_r(W[None], C_fix[None], 16, generator=gen)
+    assert infos[0]["krylov_steps"] == 3 and infos[0]["iterations"] > 3, infos
+    check(W, C_fix, (U[0], S[0], V[0]), reference(W, C_fix), 16, "top", infos[0])
+
+
+def test_krylov_on_a_product_of_low_rank(gen: torch.Generator) -> None:
+    """rank(M) = 40, less than the Krylov basis grows to: the blocks beyond the range are rounding noise."""
+    n, r = 384, 16
+    W = (torch.randn(n, 40, generator=gen) @ torch.randn(40, n, generator=gen)) / n**0.5
+    _, C = flat_case(n, n, gen)
+    C_fix = ck.damped_inverse(C)[0]
+    U, S, V, infos = top_r(W[None], C_fix[None], r, generator=gen)
+    assert infos[0]["krylov_steps"] > 0
+    check(W, C_fix, (U[0], S[0], V[0]), reference(W, C_fix), r, "top", infos[0])
+
+
 def test_cosvd_fast_is_default_and_reports_info(gen: torch.Generator) -> None:
     W, C = outlier_case(192, 256, gen)
     info: dict = {}
