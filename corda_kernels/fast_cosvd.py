@@ -116,6 +116,35 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
     return Q.to(Y.dtype)
 
 
+def _orth_against(Y: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Orthonormal block ``(B, d, b)`` orthogonal to the orthonormal ``K`` ``(B, d, w)``, from ``Y``.
+
+    A Krylov block near convergence lies almost inside ``span(K)``: what is left after the
+    projection can be nearly rank deficient, and orthonormalizing it (CholeskyQR) would amplify
+    its leftover components along ``K`` by the block's condition number. So: project twice,
+    take the eigendecomposition of the float64 Gram matrix of the column-normalized remainder,
+    whiten the directions with eigenvalue above ``ε`` of ``Y``'s dtype (their leftover along
+    ``K`` grows at most to ``√ε``) and put fixed random directions in place of the others, then
+    project and orthonormalize once more, on a block that is now well conditioned.
+    """
+    dt = Y.dtype
+    for _ in range(2):
+        Y = Y - K @ (K.transpose(-1, -2) @ Y)
+    Y64 = (Y / Y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(dt).tiny)).double()
+    with _one_thread():
+        lam, Vg = torch.linalg.eigh(Y64.transpose(-1, -2) @ Y64)
+    keep = lam > torch.finfo(dt).eps
+    P = (Y64 @ Vg) / lam.clamp_min(torch.finfo(torch.float64).tiny).sqrt().unsqueeze(-2)
+    if not bool(keep.all()):
+        gen = torch.Generator().manual_seed(len(lam.flatten()))
+        R = torch.randn(P.shape, generator=gen, dtype=torch.float64).to(P.device)
+        P = torch.where(keep.unsqueeze(-2), P, R)
+    P = P.to(dt)
+    for _ in range(2):
+        P = P - K @ (K.transpose(-1, -2) @ P)
+    return _orth(P)
+
+
 def _ritz(Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Right singular structure of a tall ``Z`` ``(B, d, l)`` from its float64 Gram matrix.
 
@@ -292,9 +321,7 @@ def _top_krylov(
             done = bool((res_ok | stall).all())
             if done or not grows:
                 return _orth(K @ Yt.to(K.dtype)), steps, est, kappa, done
-        block = Y
-        for _ in range(2):  # twice is enough, normalized in between (the block can be nearly in span(K))
-            block = _orth(block - K @ (K.transpose(-1, -2) @ block))
+        block = _orth_against(Y, K)
         K = torch.cat([K, block], -1)
 
 
@@ -449,6 +476,7 @@ def _bottom_iterate(
     max_iters: int,
     generator: torch.Generator | None,
     device: torch.device,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """Block inverse subspace iteration for the bottom right singular vectors of a tall ``A``.
 
@@ -463,7 +491,11 @@ def _bottom_iterate(
     iteration count and the extrapolated remaining change of the Ritz values ``(B, r)``.
     """
     Bn, k = shape
-    X = _orth(torch.randn(Bn, k, ell, generator=generator, dtype=torch.float64).to(device))
+    # a start from the Krylov phase (T·Ritz vectors) is judged after its first Rayleigh–Ritz step
+    warm = start is not None and apply_ritz is None
+    if start is None:
+        start = torch.randn(Bn, k, ell, generator=generator, dtype=torch.float64).to(device)
+    X = _orth(start)  # (B, k, l)
     hist: list[torch.Tensor] = []
     est = torch.full((Bn, rank), math.inf, dtype=torch.float64)
     rel = torch.full((Bn, rank), math.inf, dtype=torch.float64)
@@ -477,7 +509,7 @@ def _bottom_iterate(
             Yt, theta = Yt.flip(-1), theta.flip(-1)
             X, T = X @ Yt, T @ Yt
             hist.append(theta[..., :rank].clamp_min(1e-300).rsqrt().cpu())
-        if it > 0:  # X holds Ritz vectors, ascending σ
+        if it > 0 or warm:  # X holds Ritz vectors, ascending σ
             Xr, Tr = X[..., :rank], T[..., :rank]
             mu = (Xr * Tr).sum(-2, keepdim=True)
             rel = ((Tr - Xr * mu).norm(dim=-2) / mu.squeeze(-2).abs()).cpu()
@@ -494,6 +526,66 @@ def _bottom_iterate(
     Z = apply_A(X[..., :rank])
     S = Z.norm(dim=-2)
     return X[..., :rank], Z / S.unsqueeze(-2), S, rel, it, est
+
+
+def _bottom_krylov(
+    apply_inv: Callable[[torch.Tensor], torch.Tensor],
+    shape: tuple[int, int],
+    rank: int,
+    ell: int,
+    b: int,
+    *,
+    tol: float,
+    max_steps: int,
+    max_basis: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, bool]:
+    """Block Krylov on the inverse operator ``T = (AᵀA)⁻¹`` (float64), the stopping rule of ``_bottom_iterate``.
+
+    Blocks of ``b`` columns: ``T K_j`` is orthogonalized against the whole basis ``K``
+    (:func:`_orth_against`) for the next block; Rayleigh–Ritz uses ``H = Kᵀ T K``, assembled from the stored ``T K_j``
+    (``T`` is symmetric, so each step adds one block column). Returns ``T`` applied to the top
+    ``ell`` Ritz vectors of ``T`` ``(B, k, ell)`` (from the stored products, not normalized), the
+    eigen-residuals ``(B, r)``, the step count, the extrapolated remaining change of the values
+    ``(B, r)`` and whether the rule was met.
+
+    The Ritz vectors themselves are not the result: they combine every block, including the
+    first ones' components along the top of ``A`` (σ up to 1e5 times the bottom's), and a
+    residual of 1e-5 there still inflates ``‖A x‖`` by O(1). One more application of ``T``
+    damps those components by ``(σ_i/σ_y)²``; the caller does one Rayleigh–Ritz step on it.
+    """
+    Bn, k = shape
+    K = _orth(torch.randn(Bn, k, b, generator=generator, dtype=torch.float64).to(device))
+    block, TK, H = K, None, None
+    hist: list[torch.Tensor] = []
+    steps = 0
+    while True:
+        steps += 1
+        T = apply_inv(block)
+        col = K.transpose(-1, -2) @ T  # K_iᵀ T K_j for every block i ≤ j
+        if TK is None or H is None:
+            TK, H = T, col
+        else:
+            old = col[..., :-b, :]
+            H = torch.cat([torch.cat([H, old], -1), torch.cat([old.transpose(-1, -2), col[..., -b:, :]], -1)], -2)
+            TK = torch.cat([TK, T], -1)
+        width = K.shape[-1]
+        grows = width + b <= max_basis and (steps < max_steps or width < ell)
+        if width >= ell:
+            with _one_thread():
+                theta, Yt = torch.linalg.eigh((H + H.transpose(-1, -2)) / 2)
+            theta, Yt = theta.flip(-1)[..., :ell], Yt.flip(-1)[..., :ell]  # largest θ = 1/σ² first
+            hist.append(theta[..., :rank].clamp_min(1e-300).rsqrt().cpu())
+            X = K @ Yt
+            mu = theta[..., :rank].unsqueeze(-2)
+            rel = ((TK @ Yt[..., :rank] - X[..., :rank] * mu).norm(dim=-2) / mu.squeeze(-2).abs()).cpu()
+            est = _estimate_remaining(hist)
+            done = bool(((rel.amax(-1) <= tol) | (est.amax(-1) <= 1e-2 * tol * tol)).all())
+            if done or not grows:
+                return TK @ Yt, rel, steps, est, done
+        block = _orth_against(T, K)
+        K = torch.cat([K, block], -1)
 
 
 def _max_abs(A: torch.Tensor) -> torch.Tensor:
@@ -541,8 +633,7 @@ def _bottom_result(
     S: torch.Tensor,
     wide: bool,
     factor: str,
-    it: int,
-    p: int,
+    counts: dict[str, int],
     bound: torch.Tensor,
     factor_err: torch.Tensor,
     rel: torch.Tensor,
@@ -564,8 +655,7 @@ def _bottom_result(
     infos = [
         {
             "method": f"fast-kpm-{factor}",
-            "iterations": it,
-            "oversample": p,
+            **counts,
             "sv_rel_bound": float(bound[b]),
             "factor_err": float(factor_err[b]),
             "iter_residual": float(rel[b].max()),
@@ -734,9 +824,26 @@ def bottom_r(
             continue
         if factor == "eigh":
             X, Pv, S, rel = _bottom_from_eigh(A_full, G, mu, Xall, rank)
-            it, est = 0, torch.zeros_like(rel)
+            it, est, krylov_steps = 0, torch.zeros_like(rel), 0
         else:
-            X, Pv, S, rel, it, est = _bottom_iterate(
+            start, it, krylov_steps, k_est = None, 0, 0, None
+            if apply_ritz is None and k >= 4 * ell and 4 * p >= ell:  # room for a Krylov basis (lu path)
+                max_basis = min(k, max(_KRYLOV_MAX_BLOCKS * p, ell + p))
+                start, _, it, k_est, _ = _bottom_krylov(
+                    apply_inv,
+                    (Bn, k),
+                    rank,
+                    ell,
+                    p,
+                    tol=tol,
+                    max_steps=max_iters,
+                    max_basis=max_basis,
+                    generator=generator,
+                    device=W.device,
+                )
+                krylov_steps = it
+            # from the Krylov phase's T·(Ritz vectors), one Rayleigh–Ritz step and the check suffice
+            X, Pv, S, rel, more, est = _bottom_iterate(
                 apply_inv,
                 apply_ritz,
                 apply_A,
@@ -744,13 +851,18 @@ def bottom_r(
                 rank,
                 ell,
                 tol=tol,
-                max_iters=max_iters,
+                max_iters=max(1, max_iters - it),
                 generator=generator,
                 device=W.device,
+                start=start,
             )
+            if k_est is not None and more == 0:  # accepted after one step: the values' history is Krylov's
+                est = k_est
+            it += more + (k_est is not None)
         bound = factor_err + rel.amax(-1) / 2
         if bool((bound <= certify).all()):
-            return _bottom_result(W64, C64, Lc, X, Pv, S, wide, factor, it, p, bound, factor_err, rel, est, tried)
+            info = {"iterations": it, "krylov_steps": krylov_steps, "oversample": p}
+            return _bottom_result(W64, C64, Lc, X, Pv, S, wide, factor, info, bound, factor_err, rel, est, tried)
         tried.append(
             f"{factor}: bound {float(bound.max()):.2g} (factor {float(factor_err.max()):.2g}, "
             f"residual {float(rel.max()):.2g}) > {certify:g} after {it} iterations"

@@ -222,6 +222,7 @@ def test_square_layers_use_the_lu_path(gen: torch.Generator) -> None:
     # l = 12 + 6 ≤ 576/10; the gap σ_{k−12}/σ_{k−11} ≈ 1.027 is small, the oversampling pins it
     U, S, V, infos = bottom_r(W[None], C_fix[None], 12, oversample=6, generator=gen)
     assert infos[0]["method"] == "fast-kpm-lu", infos
+    assert infos[0]["krylov_steps"] > 0, infos  # l = 18 ≤ 4·p and k ≥ 4·l: a block Krylov basis
     c = check(W, C_fix, (U[0], S[0], V[0]), ref, 12, "bottom", infos[0])
     assert c["sv_rel_err"] < 1e-5
 
