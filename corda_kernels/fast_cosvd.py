@@ -189,15 +189,40 @@ _KRYLOV_MAX_BLOCKS = 12  # a Krylov basis of more blocks hands over to subspace 
 # than C·(Wᵀ·X). MKL's float64 GEMM with a thin right operand runs at 7–12 GFLOP/s on one
 # core, with a thin left operand at 18–26 (measured at n = 4096, l = 16–32; float32 does not
 # care). C_fix is symmetric, so both forms are the same product.
+_MM64_ROWS = 512  # rows of a float32 operand converted to float64 at a time by _mm64
+
+
+def _mm64(Xt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``Xt @ A`` in ``Xt``'s dtype for ``Xt`` ``(B, l, p)`` and ``A`` ``(B, p, q)`` of any float dtype.
+
+    A float32 ``A`` is converted ``_MM64_ROWS`` rows at a time into one reused buffer: a whole
+    float64 copy of an 11008² covariance is 970 MB of fresh pages, whose first touch cost
+    0.5–2.8 s on this machine, more than the product itself.
+    """
+    if A.dtype == Xt.dtype:
+        return Xt @ A
+    p = A.shape[-2]
+    buf = torch.empty(*A.shape[:-2], min(p, _MM64_ROWS), A.shape[-1], dtype=Xt.dtype, device=A.device)
+    out = None
+    for i in range(0, p, _MM64_ROWS):
+        h = min(_MM64_ROWS, p - i)
+        blk = buf[..., :h, :]
+        blk.copy_(A[..., i : i + h, :])
+        part = Xt[..., i : i + h] @ blk
+        out = part if out is None else out.add_(part)
+    assert out is not None
+    return out
+
+
 def _mt_rows(W: torch.Tensor, C: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Mᵀ Q, Qᵀ W)`` for ``Q`` ``(B, m, l)``: ``(B, n, l)`` (a transposed view) and ``(B, l, n)``."""
-    QtW = Q.transpose(-1, -2) @ W
-    return (QtW @ C).transpose(-1, -2), QtW
+    """``(Mᵀ Q, Qᵀ W)`` in ``Q``'s dtype for ``Q`` ``(B, m, l)``: ``(B, n, l)`` (a transposed view), ``(B, l, n)``."""
+    QtW = _mm64(Q.transpose(-1, -2), W)
+    return _mm64(QtW, C).transpose(-1, -2), QtW
 
 
 def _m_rows(W: torch.Tensor, C: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """``M X = W·C·X`` for ``X`` ``(B, n, l)`` as ``((Xᵀ C) Wᵀ)ᵀ`` (a transposed view)."""
-    return ((X.transpose(-1, -2) @ C) @ W.transpose(-1, -2)).transpose(-1, -2)
+    """``M X = W·C·X`` in ``X``'s dtype for ``X`` ``(B, n, l)`` as ``((Xᵀ C) Wᵀ)ᵀ`` (a transposed view)."""
+    return _mm64(_mm64(X.transpose(-1, -2), C), W.transpose(-1, -2)).transpose(-1, -2)
 
 
 def _top_iterate(
@@ -410,17 +435,16 @@ def top_r(
         iters += more
         del W64_, C64_, Q64_
     # final Rayleigh–Ritz in float64 on the converged basis
-    W64 = W.double()
-    C64 = C_fix.double()
+    # (W and C_fix enter in their own dtype: _mm64 converts them block by block)
     Q64 = _orth(Q.double())
-    Z, QtW = _mt_rows(W64, C64, Q64)  # Mᵀ Q
+    Z, QtW = _mt_rows(W, C_fix, Q64)  # Mᵀ Q
     S, Yt = _ritz(Z)
     Yt = Yt[..., :rank]
     U = Q64 @ Yt
     Sr = S[..., :rank]
     Pr = (Z @ Yt) / Sr.unsqueeze(-2)  # v_i: Mᵀ u_i = σ_i v_i
     V = (Yt.transpose(-1, -2) @ QtW).transpose(-1, -2) / Sr.unsqueeze(-2)  # Wᵀ U = C⁻¹ v for these pairs
-    res = _m_rows(W64, C64, Pr) - U * Sr.unsqueeze(-2)
+    res = _m_rows(W, C_fix, Pr) - U * Sr.unsqueeze(-2)
     rel_res = (res.norm(dim=-2) / Sr).cpu()
     infos = []
     for b in range(Bn):

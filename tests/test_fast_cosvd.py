@@ -425,3 +425,18 @@ def test_heavy_head_top_continues_in_float64(gen: torch.Generator, monkeypatch: 
     U, S, V, infos = top_r(W[None], C_fix[None], r, generator=gen)
     c32 = compare_triplets((U[0], S[0], V[0]), crop(ref, r, "top"))
     assert c32["sv_rel_err"] > 10 * c["sv_rel_err"], (c32, c)
+
+
+def test_float64_products_convert_by_blocks(gen: torch.Generator) -> None:
+    """_mm64: a float32 operand converted a block of rows at a time, transposed views included."""
+    from corda_kernels.fast_cosvd import _MM64_ROWS, _mm64
+
+    p = 2 * _MM64_ROWS + 37  # two full blocks and a remainder
+    Xt = torch.randn(2, 5, p, generator=gen, dtype=torch.float64)
+    A = torch.randn(2, p, 300, generator=gen)
+    At = torch.randn(2, 300, p, generator=gen).transpose(-1, -2)  # non-contiguous
+    for B in (A, At):
+        got = _mm64(Xt, B)
+        assert got.dtype == torch.float64
+        assert rel_err(got, Xt @ B.double()) < 1e-14
+    assert torch.equal(_mm64(Xt, A.double()), Xt @ A.double())
