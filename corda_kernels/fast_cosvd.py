@@ -834,8 +834,8 @@ def bottom_r(
                 Y = torch.linalg.solve_triangular(Ft, X, upper=False)
                 return torch.linalg.solve_triangular(F, Y, upper=True)
 
-            def apply_ritz(X: torch.Tensor, F=F) -> torch.Tensor:
-                return F @ X
+            def apply_ritz(X: torch.Tensor, Ft=Ft) -> torch.Tensor:  # F X as (Xᵀ Fᵀ)ᵀ: a row-panel product
+                return (X.transpose(-1, -2) @ Ft).transpose(-1, -2)
 
             smin = _power_norm(apply_inv, (Bn, k), device=W.device).rsqrt()
             assert norm2 is not None
@@ -851,7 +851,7 @@ def bottom_r(
             it, est, krylov_steps = 0, torch.zeros_like(rel), 0
         else:
             start, it, krylov_steps, k_est = None, 0, 0, None
-            if apply_ritz is None and k >= 4 * ell and 4 * p >= ell:  # room for a Krylov basis (lu path)
+            if k >= 4 * ell and 4 * p >= ell:  # room for a Krylov basis
                 max_basis = min(k, max(_KRYLOV_MAX_BLOCKS * p, ell + p))
                 start, _, it, k_est, _ = _bottom_krylov(
                     apply_inv,
@@ -880,8 +880,8 @@ def bottom_r(
                 device=W.device,
                 start=start,
             )
-            if k_est is not None and more == 0:  # accepted after one step: the values' history is Krylov's
-                est = k_est
+            if k_est is not None:  # too short a history after the handover: the values' history is Krylov's
+                est = torch.where(torch.isfinite(est), est, k_est)
             it += more + (k_est is not None)
         bound = factor_err + rel.amax(-1) / 2
         if bool((bound <= certify).all()):
