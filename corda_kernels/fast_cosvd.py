@@ -31,9 +31,13 @@ within it of each ``σ̃_i``).
 Bottom ``r`` (:func:`bottom_r`): everything in float64 (PEFT's fp32 product + fp32 SVD cannot
 resolve the bottom of a spectrum spanning 6–8 decades). ``A`` is the tall orientation of
 ``M`` (``Mᵀ`` for ``m ≤ n``: the wanted vectors are ``U``; ``M`` for ``m > n``: ``V``). Block
-inverse subspace iteration ``X ← orth((AᵀA)⁻¹X)`` with ``l = r + p`` columns, the inverse
-applied through a factorization, tried in this order where it applies (square ``W``: ``lu``,
-``qr``, ``eigh``, ``gram``; otherwise ``eigh``, ``gram``, ``qr``):
+Krylov on the inverse operator ``T = (AᵀA)⁻¹`` (blocks of ``p`` columns, where the basis has
+room), then block inverse subspace iteration ``X ← orth(T X)`` with ``l = r + p`` columns from
+``T`` applied to the Krylov Ritz vectors: those vectors combine every block, including the
+first ones' components along the top of ``A``, which one more application of ``T`` damps by
+``(σ_i/σ_top)²`` before the values are measured with ``A``. The inverse is applied through a
+factorization, tried in this order where it applies (square ``W``: ``lu``, ``qr``, ``eigh``,
+``gram``; otherwise ``eigh``, ``gram``, ``qr``):
 
 * ``lu`` (square ``W``, thin blocks): ``(MMᵀ)⁻¹ = W⁻ᵀC⁻²W⁻¹`` from an LU of ``W`` and a Cholesky
   of ``C`` — ``M`` is never formed;
