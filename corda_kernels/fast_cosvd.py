@@ -229,6 +229,26 @@ def _m_rows(W: torch.Tensor, C: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return _mm64(_mm64(X.transpose(-1, -2), C), W.transpose(-1, -2)).transpose(-1, -2)
 
 
+def _top_stop(
+    rel_res: torch.Tensor, hist: list[torch.Tensor], unit: float, tol: float, stall_prev: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-r stopping rule (module doc) after one step, for both iterations.
+
+    ``rel_res`` ``(B, r)`` relative Ritz residuals, ``hist`` the Ritz values ``(B, r)`` so far,
+    ``unit`` the working precision's unit roundoff, ``stall_prev`` ``(B,)`` the value criterion of
+    the step before. Returns the extrapolated remaining change ``(B, r)``, ``σ̃_1/σ̃_r`` ``(B,)``,
+    whether to stop ``(B,)`` and this step's value criterion ``(B,)``.
+    """
+    est = _estimate_remaining(hist)
+    Sc = hist[-1]
+    # the working precision cannot resolve σ_i better than ~unit·σ_1: no criterion below that floor
+    ratio = Sc[..., :1] / Sc.clamp_min(1e-300)
+    res_ok = (rel_res <= torch.clamp(30 * unit * ratio, min=tol)).all(-1)
+    val_ok = (est <= torch.clamp(unit * ratio, min=tol * 1e-2)).all(-1)
+    # the value criterion must hold on two consecutive steps: one noisy ρ must not stop it
+    return est, ratio[..., -1], res_ok | (val_ok & stall_prev), val_ok
+
+
 def _top_iterate(
     mv: Callable[[torch.Tensor], torch.Tensor],
     mtv: Callable[[torch.Tensor], torch.Tensor],
@@ -260,18 +280,10 @@ def _top_iterate(
         # Ritz pair i: M v − σ u = Y_i/σ − σ Q ỹ_i
         res = Y[..., :rank] / Sr.unsqueeze(-2) - (Q @ Yt[..., :rank]) * Sr.unsqueeze(-2)
         rel_res = (res.norm(dim=-2) / Sr).double().cpu()
-        Sc = S[..., :rank].cpu()
-        hist.append(Sc)
-        est = _estimate_remaining(hist)
+        hist.append(S[..., :rank].cpu())
         Q = _orth(Y)
-        # the working precision cannot resolve σ_i better than ~unit·σ_1: no criterion below that floor
-        ratio = Sc[..., :1] / Sc.clamp_min(1e-300)
-        kappa = ratio[..., -1]
-        res_ok = (rel_res <= torch.clamp(30 * unit * ratio, min=tol)).all(-1)
-        val_ok = (est <= torch.clamp(unit * ratio, min=tol * 1e-2)).all(-1)
-        stall = val_ok & stall_prev  # two consecutive iterations: one noisy ρ must not stop it
-        stall_prev = val_ok
-        if bool((res_ok | stall).all()):
+        est, kappa, stop, stall_prev = _top_stop(rel_res, hist, unit, tol, stall_prev)
+        if bool(stop.all()):
             break
     return Q, iters, est, kappa
 
@@ -291,8 +303,8 @@ def _top_krylov(
     ``K0`` ``(B, m, b)`` orthonormal first block. Step ``j`` forms ``Z_j = Mᵀ K_j`` and ``Y_j = M Z_j``
     (the same four products as a subspace-iteration step with ``b`` columns), does Rayleigh–Ritz
     on the whole basis ``K = [K_0 … K_j]`` from the Gram matrix of ``[Z_0 … Z_j] = Mᵀ K`` (kept up
-    to date block by block, float64) and orthogonalizes ``Y_j`` against ``K`` (twice) for the next
-    block. The Ritz residuals ``M v_i − σ̃_i u_i`` come from the stored ``[Y_0 … Y_j] = M Mᵀ K``.
+    to date block by block, float64) and orthogonalizes ``Y_j`` against ``K`` (:func:`_orth_against`)
+    for the next block. The Ritz residuals ``M v_i − σ̃_i u_i`` come from the stored ``[Y_0 … Y_j] = M Mᵀ K``.
     Keeping every block makes each product count: on the embedded model's layers this reaches
     the tolerance with about half the products of subspace iteration at ``l = r + p``.
 
@@ -307,8 +319,6 @@ def _top_krylov(
     K, Zc64, Yc = K0, None, None  # basis, [Z_0 … Z_j] in float64, [Y_0 … Y_j]
     G = None  # Zc64ᵀ Zc64
     hist: list[torch.Tensor] = []
-    est = torch.full((Bn, rank), math.inf, dtype=torch.float64)
-    kappa = torch.ones(Bn, dtype=torch.float64)
     stall_prev = torch.zeros(Bn, dtype=torch.bool)
     block = K0
     steps = 0
@@ -338,16 +348,9 @@ def _top_krylov(
             Sr = S[..., :rank].to(K.dtype).clamp_min(tiny)
             res = (Yc @ Ytr) / Sr.unsqueeze(-2) - (K @ Ytr) * Sr.unsqueeze(-2)  # M v_i − σ̃_i u_i
             rel_res = (res.norm(dim=-2) / Sr).double().cpu()
-            Sc = S[..., :rank].cpu()
-            hist.append(Sc)
-            est = _estimate_remaining(hist)
-            ratio = Sc[..., :1] / Sc.clamp_min(1e-300)
-            kappa = ratio[..., -1]
-            res_ok = (rel_res <= torch.clamp(30 * unit * ratio, min=tol)).all(-1)
-            val_ok = (est <= torch.clamp(unit * ratio, min=tol * 1e-2)).all(-1)
-            stall = val_ok & stall_prev
-            stall_prev = val_ok
-            done = bool((res_ok | stall).all())
+            hist.append(S[..., :rank].cpu())
+            est, kappa, stop, stall_prev = _top_stop(rel_res, hist, unit, tol, stall_prev)
+            done = bool(stop.all())
             if done or not grows:
                 return _orth(K @ Yt.to(K.dtype)), steps, est, kappa, done
         block = _orth_against(Y, K)
@@ -568,15 +571,15 @@ def _bottom_krylov(
     max_basis: int,
     generator: torch.Generator | None,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, bool]:
+) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Block Krylov on the inverse operator ``T = (AᵀA)⁻¹`` (float64), the stopping rule of ``_bottom_iterate``.
 
     Blocks of ``b`` columns: ``T K_j`` is orthogonalized against the whole basis ``K``
     (:func:`_orth_against`) for the next block; Rayleigh–Ritz uses ``H = Kᵀ T K``, assembled from the stored ``T K_j``
-    (``T`` is symmetric, so each step adds one block column). Returns ``T`` applied to the top
-    ``ell`` Ritz vectors of ``T`` ``(B, k, ell)`` (from the stored products, not normalized), the
-    eigen-residuals ``(B, r)``, the step count, the extrapolated remaining change of the values
-    ``(B, r)`` and whether the rule was met.
+    (``T`` is symmetric, so each step adds one block column). Stops on the rule or at
+    ``max_basis`` columns / ``max_steps`` steps. Returns ``T`` applied to the top ``ell`` Ritz
+    vectors of ``T`` ``(B, k, ell)`` (from the stored products, not normalized), the step count
+    and the extrapolated remaining change of the values ``(B, r)``.
 
     The Ritz vectors themselves are not the result: they combine every block, including the
     first ones' components along the top of ``A`` (σ up to 1e5 times the bottom's), and a
@@ -611,7 +614,7 @@ def _bottom_krylov(
             est = _estimate_remaining(hist)
             done = bool(((rel.amax(-1) <= tol) | (est.amax(-1) <= 1e-2 * tol * tol)).all())
             if done or not grows:
-                return TK @ Yt, rel, steps, est, done
+                return TK @ Yt, steps, est
         block = _orth_against(T, K)
         K = torch.cat([K, block], -1)
 
@@ -857,7 +860,7 @@ def bottom_r(
             start, it, krylov_steps, k_est = None, 0, 0, None
             if k >= 4 * ell and 4 * p >= ell:  # room for a Krylov basis
                 max_basis = min(k, max(_KRYLOV_MAX_BLOCKS * p, ell + p))
-                start, _, it, k_est, _ = _bottom_krylov(
+                start, it, k_est = _bottom_krylov(
                     apply_inv,
                     (Bn, k),
                     rank,
