@@ -8,9 +8,9 @@ per-matrix ``info`` dicts (method, iterations, accuracy estimates).
 
 Top ``r`` (:func:`top_r`): randomized block Krylov iteration on ``M`` applied implicitly as
 ``W·(C·X)`` / ``C·(Wᵀ·Y)`` in float32: blocks of ``b = p`` columns, the basis
-``[K, MMᵀK, (MMᵀ)²K, …]`` kept whole and orthonormal (each new block orthogonalized against it
-twice), so every product with ``M`` counts — about half the products of subspace iteration on
-``l = r + p`` columns for the same residuals on the embedded model's layers. Where the basis
+``[K, MMᵀK, (MMᵀ)²K, …]`` kept whole and orthonormal (:func:`_orth_against`), so every product
+with ``M`` counts — about half the products of subspace iteration on ``l = r + p`` columns for
+the same residuals on the embedded model's layers. Where the basis
 has no room (``min(m, n) < 4·l``) or reaches 12 blocks, plain subspace iteration on ``l``
 columns takes over. Each step is also a Rayleigh–Ritz step, so it yields the Ritz values
 ``σ̃_1..σ̃_l`` (lower bounds of ``σ_i`` that increase monotonically) and the Ritz residuals
@@ -149,6 +149,26 @@ def _orth_against(Y: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return _orth(P)
 
 
+def _bordered(G: torch.Tensor | None, cross: torch.Tensor, corner: torch.Tensor) -> torch.Tensor:
+    """The symmetric ``[[G, cross], [crossᵀ, corner]]`` (``corner`` alone when ``G`` is ``None``):
+    a Krylov basis's projected matrix grown by one block."""
+    if G is None:
+        return corner
+    return torch.cat([torch.cat([G, cross], -1), torch.cat([cross.transpose(-1, -2), corner], -1)], -2)
+
+
+_KRYLOV_MAX_BLOCKS = 12  # a Krylov basis of more blocks hands over to subspace iteration
+
+
+def _krylov_max_basis(k: int, ell: int, b: int) -> int:
+    """Columns a Krylov basis of blocks of ``b`` may reach in dimension ``k`` (0: no room, ``k < 4·l``).
+
+    At least ``ell + b``, so that it always reaches the ``ell`` Ritz pairs the stopping rule
+    and the hand-over need; at most ``_KRYLOV_MAX_BLOCKS`` blocks.
+    """
+    return min(k, max(_KRYLOV_MAX_BLOCKS * b, ell + b)) if k >= 4 * ell and b > 0 else 0
+
+
 def _ritz(Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Right singular structure of a tall ``Z`` ``(B, d, l)`` from its float64 Gram matrix.
 
@@ -186,7 +206,6 @@ def _estimate_remaining(hist: list[torch.Tensor]) -> torch.Tensor:
 # top r (IPM)
 # ---------------------------------------------------------------------------------------------
 _F64_FLOOR = 1e-2  # float32 residual floor above which the top iteration continues in float64
-_KRYLOV_MAX_BLOCKS = 12  # a Krylov basis of more blocks hands over to subspace iteration
 
 
 # The float64 products of M = W·C with a thin block are taken on row panels: (Xᵀ·W)·C rather
@@ -327,17 +346,13 @@ def _top_krylov(
         Z = mtv(block)
         Y = mv(Z)
         Z64 = Z.double()
-        if Zc64 is None:
-            Zc64, Yc, G = Z64, Y, Z64.transpose(-1, -2) @ Z64
+        if Zc64 is None or Yc is None:
+            G, Zc64, Yc = _bordered(None, Z64, Z64.transpose(-1, -2) @ Z64), Z64, Y
         else:
-            cross = Zc64.transpose(-1, -2) @ Z64
-            G = torch.cat(
-                [torch.cat([G, cross], -1), torch.cat([cross.transpose(-1, -2), Z64.transpose(-1, -2) @ Z64], -1)],
-                -2,
-            )
+            G = _bordered(G, Zc64.transpose(-1, -2) @ Z64, Z64.transpose(-1, -2) @ Z64)
             Zc64, Yc = torch.cat([Zc64, Z64], -1), torch.cat([Yc, Y], -1)
         width = K.shape[-1]
-        # always grow to ell columns (the caller keeps ell ≤ 4·b ≤ max_basis), then within the limits
+        # always grow to ell columns (max_basis ≥ ell + b, _krylov_max_basis), then within the limits
         grows = width + block.shape[-1] <= max_basis and (steps < max_steps or width < ell)
         if width >= ell:  # enough Ritz pairs to judge (and to hand over)
             with _one_thread():
@@ -383,8 +398,8 @@ def top_r(
     ell = rank + p
     # block Krylov with blocks of b = p columns where the basis has room to grow (k ≥ 4·l) and
     # l ≤ 4·b; subspace iteration on l columns otherwise (small matrices: cheap either way)
-    use_krylov = k >= 4 * ell and p > 0 and (4 * p >= ell if krylov is None else krylov)
-    b = p if use_krylov else ell
+    max_basis = _krylov_max_basis(k, ell, p) if (4 * p >= ell if krylov is None else krylov) else 0
+    b = p if max_basis else ell
     W32 = W.float()
     C32 = C_fix.float()
     dev = W.device
@@ -407,8 +422,7 @@ def top_r(
     Q = _orth(mv(omega))
     u32 = torch.finfo(torch.float32).eps / 2
     iters, done = 0, False
-    if use_krylov:
-        max_basis = min(k, max(_KRYLOV_MAX_BLOCKS * b, ell + b))  # room to reach ell columns (k ≥ 4·l)
+    if max_basis:
         Q, iters, est, kappa, done = _top_krylov(mv, mtv, Q, rank, ell, tol, max_iters, max_basis)
     krylov_steps = iters
     if not done and iters < max_iters:  # no Krylov basis, or it reached its size limit: subspace iteration
@@ -420,6 +434,7 @@ def top_r(
     need = (30 * u32 * kappa > _F64_FLOOR).nonzero().flatten().tolist()
     if need and iters < max_iters:  # only those matrices of the batch
         W64_, C64_ = W[need].double(), C_fix[need].double()
+
         def mv64(X: torch.Tensor) -> torch.Tensor:
             matvecs[0] += X.shape[-1]
             return _m_rows(W64_, C64_, X)
@@ -495,6 +510,13 @@ def _power_norm(
     return lam.cpu()
 
 
+def _bottom_stop(rel: torch.Tensor, est: torch.Tensor, tol: float) -> bool:
+    """The bottom-r stopping rule for the whole batch: every eigen-residual ``rel`` ``(B, r)`` of the
+    inverse operator below ``tol``, or every value's extrapolated remaining change ``est`` below
+    ``1e-2·tol²`` (the values have stalled)."""
+    return bool(((rel.amax(-1) <= tol) | (est.amax(-1) <= 1e-2 * tol * tol)).all())
+
+
 def _bottom_iterate(
     apply_inv: Callable[[torch.Tensor], torch.Tensor],
     apply_ritz: Callable[[torch.Tensor], torch.Tensor] | None,
@@ -545,7 +567,7 @@ def _bottom_iterate(
             mu = (Xr * Tr).sum(-2, keepdim=True)
             rel = ((Tr - Xr * mu).norm(dim=-2) / mu.squeeze(-2).abs()).cpu()
             est = _estimate_remaining(hist)
-            if bool(((rel.amax(-1) <= tol) | (est.amax(-1) <= 1e-2 * tol * tol)).all()) or it == max_iters:
+            if _bottom_stop(rel, est, tol) or it == max_iters:
                 break
         X = _orth(T)
         if apply_ritz is not None:
@@ -595,12 +617,8 @@ def _bottom_krylov(
         steps += 1
         T = apply_inv(block)
         col = K.transpose(-1, -2) @ T  # K_iᵀ T K_j for every block i ≤ j
-        if TK is None or H is None:
-            TK, H = T, col
-        else:
-            old = col[..., :-b, :]
-            H = torch.cat([torch.cat([H, old], -1), torch.cat([old.transpose(-1, -2), col[..., -b:, :]], -1)], -2)
-            TK = torch.cat([TK, T], -1)
+        H = _bordered(H, col[..., :-b, :], col[..., -b:, :])
+        TK = T if TK is None else torch.cat([TK, T], -1)
         width = K.shape[-1]
         grows = width + b <= max_basis and (steps < max_steps or width < ell)
         if width >= ell:
@@ -612,8 +630,7 @@ def _bottom_krylov(
             mu = theta[..., :rank].unsqueeze(-2)
             rel = ((TK @ Yt[..., :rank] - X[..., :rank] * mu).norm(dim=-2) / mu.squeeze(-2).abs()).cpu()
             est = _estimate_remaining(hist)
-            done = bool(((rel.amax(-1) <= tol) | (est.amax(-1) <= 1e-2 * tol * tol)).all())
-            if done or not grows:
+            if _bottom_stop(rel, est, tol) or not grows:
                 return TK @ Yt, steps, est
         block = _orth_against(T, K)
         K = torch.cat([K, block], -1)
@@ -858,8 +875,8 @@ def bottom_r(
             it, est, krylov_steps = 0, torch.zeros_like(rel), 0
         else:
             start, it, krylov_steps, k_est = None, 0, 0, None
-            if k >= 4 * ell and 4 * p >= ell:  # room for a Krylov basis
-                max_basis = min(k, max(_KRYLOV_MAX_BLOCKS * p, ell + p))
+            max_basis = _krylov_max_basis(k, ell, p) if 4 * p >= ell else 0
+            if max_basis:
                 start, it, k_est = _bottom_krylov(
                     apply_inv,
                     (Bn, k),
@@ -889,7 +906,7 @@ def bottom_r(
             )
             if k_est is not None:  # too short a history after the handover: the values' history is Krylov's
                 est = torch.where(torch.isfinite(est), est, k_est)
-            it += more + (k_est is not None)
+            it += more + 1 if k_est is not None else more  # the warm start's first pass is an iteration too
         bound = factor_err + rel.amax(-1) / 2
         if bool((bound <= certify).all()):
             info = {"iterations": it, "krylov_steps": krylov_steps, "oversample": p}
