@@ -77,6 +77,16 @@ def real_pool(samples: int = 8, seq_len: int = 256) -> dict[str, list[torch.Tens
     return pool
 
 
+def load_pool(cache: str | None) -> dict[str, list[torch.Tensor]]:
+    """:func:`real_pool`, read from ``cache`` when it exists, else calibrated (and saved there if given)."""
+    if cache and Path(cache).exists():
+        return torch.load(cache)
+    pool = real_pool()
+    if cache:
+        torch.save(pool, cache)
+    return pool
+
+
 def tiled_layer(m: int, n: int, pool: dict[str, list[torch.Tensor]], gen: torch.Generator) -> tuple:
     """``(W (m, n), C (n, n))`` float32 tiled from real blocks of different layers (see module doc)."""
     wide_blocks = n > 4096
@@ -162,12 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     ranks = tuple(int(x) for x in args.ranks.split(",")) if args.ranks else RANKS
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    if args.pool_cache and Path(args.pool_cache).exists():
-        pool = torch.load(args.pool_cache)
-    else:
-        pool = real_pool()
-        if args.pool_cache:
-            torch.save(pool, args.pool_cache)
+    pool = load_pool(args.pool_cache)
     print(
         f"# CO-SVD per layer, CPU, {torch.get_num_threads()} threads; inputs from the embedded model "
         f"(calibrated in {time.perf_counter() - t0:.0f} s)\n",

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_cosvd import real_pool, tiled_layer  # noqa: E402
+from bench_cosvd import load_pool, tiled_layer  # noqa: E402
 
 from corda_kernels.damping import damp_covariance  # noqa: E402
 from corda_kernels.fast_cosvd import fast_cosvd, principal_cosines  # noqa: E402
@@ -35,10 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     m, n = (int(x) for x in args.shape.split("x"))
-    if args.pool_cache and Path(args.pool_cache).exists():
-        pool = torch.load(args.pool_cache)
-    else:
-        pool = real_pool()
+    pool = load_pool(args.pool_cache)
     W, C = tiled_layer(m, n, pool, torch.Generator().manual_seed(args.seed))
     C_fix, _, _ = damp_covariance(C)
     t0 = time.perf_counter()
