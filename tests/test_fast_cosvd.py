@@ -440,3 +440,20 @@ def test_float64_products_convert_by_blocks(gen: torch.Generator) -> None:
         assert got.dtype == torch.float64
         assert rel_err(got, Xt @ B.double()) < 1e-14
     assert torch.equal(_mm64(Xt, A.double()), Xt @ A.double())
+
+
+@pytest.mark.parametrize("m,n", [(37, 90), (90, 37)])
+def test_gram64_blocks_match_float64(m: int, n: int, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``AᵀA`` from row panels and upper blocks (small panels, odd sizes) against the float64 product."""
+    import corda_kernels.fast_cosvd as fc
+
+    monkeypatch.setattr(fc, "_GRAM_PANEL", 8)
+    W = torch.randn(2, m, n, generator=gen, dtype=torch.float64)
+    X = torch.randn(2, n, 2 * n, generator=gen)
+    C = (X @ X.mT).float()  # float32 and symmetric, like C_fix
+    wide = m <= n
+    A = (W @ C.double()).mT if wide else W @ C.double()
+    ref = A.mT @ A
+    G = fc._gram64(W, C, wide)
+    assert torch.equal(G, G.mT)
+    assert float((G - ref).norm() / ref.norm()) < 1e-13
