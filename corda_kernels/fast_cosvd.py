@@ -213,6 +213,7 @@ def _estimate_remaining(hist: list[torch.Tensor]) -> torch.Tensor:
 # top r (IPM)
 # ---------------------------------------------------------------------------------------------
 _F64_FLOOR = 1e-2  # float32 residual floor above which the top iteration continues in float64
+_FINAL_EXTRA = 8  # Ritz vectors beyond r in the top's final float64 Rayleigh–Ritz step
 
 
 # The float64 products of M = W·C with a thin block are taken on row panels: (Xᵀ·W)·C rather
@@ -494,9 +495,11 @@ def top_r(
         est[need] = est_need
         iters += more
         del W64_, C64_, Q64_
-    # final Rayleigh–Ritz in float64 on the converged basis
-    # (W and C_fix enter in their own dtype: _mm64 converts them block by block)
-    Q64 = _orth(Q.double())
+    # final Rayleigh–Ritz in float64 on the converged basis's leading r + 8 columns (its columns
+    # are Ritz vectors, descending: the rest changes the top r only at the order of the squared
+    # residual, while the float64 products cost in proportion to the columns); W and C_fix enter
+    # in their own dtype, _mm64 converts them block by block
+    Q64 = _orth(Q[..., : rank + min(p, _FINAL_EXTRA)].double())
     Z, QtW = _mt_rows(W, C_fix, Q64)  # Mᵀ Q
     S, Yt = _ritz(Z)
     Yt = Yt[..., :rank]
