@@ -11,6 +11,7 @@ the original's).
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import time
@@ -329,9 +330,21 @@ def save_nf4_residual(targets: dict[str, nn.Module], path: Path) -> Path:
     return path
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (an estimate that had no history yet) as ``None``:
+    strict JSON has no ``Infinity``/``NaN``, which Python's ``json`` would otherwise write."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_report(report: Report, out: Path) -> Path:
     path = out / "report.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(report), indent=2, default=str))
+    tmp.write_text(json.dumps(_json_safe(asdict(report)), indent=2, default=str, allow_nan=False))
     os.replace(tmp, path)
     return path

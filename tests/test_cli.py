@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,14 @@ def test_bench_init_table_ratios() -> None:
     assert "| 2.00× | 50% | 88% |" in lines["ours"]  # 120/60; (60-40)/40; (60-32)/32
     assert "| 2.40× | 25% | 100% |" in lines["ours-backbone"]
     assert "| 1.00× | 200% | 200% |" in lines["peft"]
+
+
+def test_report_is_strict_json(tmp_path: Path) -> None:
+    """An estimate without history (``inf``) or a NaN must not reach report.json as ``Infinity``/``NaN``."""
+    from corda_kernels.init_job import Report, write_report
+
+    report = Report(options={})
+    report.layers["l0"] = {"sv_change_est": math.inf, "bound": 1e-5, "rows": [1.0, -math.inf, math.nan]}
+    text = write_report(report, tmp_path).read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert saved["layers"]["l0"] == {"sv_change_est": None, "bound": 1e-5, "rows": [1.0, None, None]}
