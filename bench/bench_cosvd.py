@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool-cache", default=None, help="torch.save file to reuse the calibrated covariances")
     ap.add_argument(
-        "--repeats", type=int, default=3, help="interleaved repeats (median) for shapes up to 2048² (others: 1)"
+        "--repeats", type=int, default=3, help="interleaved repeats (median) for shapes up to 4096² (others: 1)"
     )
     args = ap.parse_args(argv)
     if args.threads:
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + "---|" * 17, flush=True)
     for m, n in shapes:
         W, C = tiled_layer(m, n, pool, gen)
-        reps = args.repeats if m * n <= 2048 * 2048 else 1
+        reps = args.repeats if m * n <= 4096 * 4096 else 1
         runs = []
         for _ in range(reps):
             peft_full, peft_damp, C_fix, pt = peft_layer(W, C)

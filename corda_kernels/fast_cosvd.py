@@ -24,7 +24,7 @@ spectra (it must hold on two consecutive steps). The tolerances are raised to fl
 resolution (``30·u₃₂·σ̃_1/σ̃_i`` for residuals, ``u₃₂·σ̃_1/σ̃_i`` for values); capped iterations.
 Where that float32 floor exceeds 1e-2 (heavy-head layers, ``σ_1/σ_r ≳ 5e3``; one down_proj of
 the embedded model has 7.8e4) the iteration continues from its basis in float64.
-A final Rayleigh–Ritz step in float64 on the top ``l`` Ritz vectors gives the triplets and a
+A final Rayleigh–Ritz step in float64 on the top ``r + 8`` Ritz vectors gives the triplets and a
 posterior residual bound ``max_i ‖M v_i − σ̃_i u_i‖/σ̃_i`` (some singular value of ``M`` lies
 within it of each ``σ̃_i``).
 
@@ -45,7 +45,8 @@ factorization, tried in this order where it applies (square ``W``: ``lu``, ``qr`
   matrix ``AᵀA`` from one dense ``eigh``, the values re-measured with ``A``; accurate to
   ``ε₆₄·κ(M)²``, which its own eigenvalues give exactly (the non-square layers of the embedded
   model: ``κ² ≈ 1e6``);
-* ``gram``: the Cholesky factor ``F`` of the float64 Gram matrix ``AᵀA`` (one GEMM), accurate
+* ``gram``: the Cholesky factor ``F`` of the float64 Gram matrix ``AᵀA`` (formed by row panels
+  of ``A``, upper blocks only: :func:`_gram64`), accurate
   only to ``ε₆₄·κ(M)²`` (fails for real q_proj layers, ``κ ≈ 1e8``);
 * ``qr``: the ``R`` of a float64 Householder QR of ``A``, accurate to ``ε₆₄·κ(M)``.
 
