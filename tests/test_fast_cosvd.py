@@ -457,3 +457,22 @@ def test_gram64_blocks_match_float64(m: int, n: int, gen: torch.Generator, monke
     G = fc._gram64(W, C, wide)
     assert torch.equal(G, G.mT)
     assert float((G - ref).norm() / ref.norm()) < 1e-13
+
+
+@pytest.mark.parametrize("kind", ["wide", "tall"])
+@pytest.mark.parametrize("factor", ["gram", "qr"])
+def test_gram_and_qr_factors_from_panels(
+    kind: str, factor: str, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Gram matrix (row panels, upper blocks) and the whole tall ``A`` (a wide layer's float32 C
+    converted block by block, accumulated in place) at panel sizes that split every dimension."""
+    import corda_kernels.fast_cosvd as fc
+
+    monkeypatch.setattr(fc, "_GRAM_PANEL", 100)
+    monkeypatch.setattr(fc, "_MM64_ROWS", 100)
+    W, C = real_case(kind)
+    C_fix = ck.damped_inverse(C)[0]
+    U, S, V, infos = bottom_r(W[None], C_fix[None], 8, generator=gen, factors=(factor,))
+    assert infos[0]["method"] == f"fast-kpm-{factor}", infos
+    c = check(W, C_fix, (U[0], S[0], V[0]), reference(W, C_fix), 8, "bottom", infos[0])
+    assert c["sv_rel_err"] < 1e-5
