@@ -32,6 +32,7 @@ from _gpu_util import SMALL, guarded, row, sync  # noqa: E402
 
 from corda_kernels.damping import damp_covariance  # noqa: E402
 from corda_kernels.fast_cosvd import fast_cosvd  # noqa: E402
+from corda_kernels.linalg import inv_ex  # noqa: E402
 
 SHAPES = [(2, 128, 128), (2, 96, 256)] if SMALL else [(4, 4096, 4096), (2, 4096, 11008)]  # (B, m, n)
 RANKS = (8,) if SMALL else (16, 64, 128)
@@ -70,7 +71,7 @@ def _shape(device: str, B: int, m: int, n: int, seed: int) -> list[dict[str, Any
     g = torch.Generator(device=device).manual_seed(seed)
     W, C = outlier_layers(B, m, n, device, g)
     C_fix, damps, _ = damp_covariance(C)
-    C_inv = torch.linalg.inv(C_fix)
+    C_inv = inv_ex(C_fix)[0]  # batched torch.linalg.inv breaks on the CPU dry run (corda_kernels.linalg)
     _peft(W[:1, :64, :64], C_fix[:1, :64, :64], C_inv[:1, :64, :64])  # warm-up (cuSOLVER handles)
     fast_cosvd(W[:1, :64, :64], C_fix[:1, :64, :64], rank=4, which="top")
     peft, p_ms = _once_ms(lambda: _peft(W, C_fix, C_inv), device)
