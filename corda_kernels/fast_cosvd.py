@@ -102,6 +102,12 @@ def _one_thread() -> Iterator[None]:
             torch.set_num_threads(before)
 
 
+def _own_generator(generator: torch.Generator | None) -> torch.Generator:
+    """``generator``, or a fresh one seeded 0: the random starts never draw from (and so never
+    shift) the caller's global RNG stream, and the same inputs give the same triplets."""
+    return torch.Generator().manual_seed(0) if generator is None else generator
+
+
 def _orth(Y: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of the columns of ``Y`` ``(B, d, l)`` in ``Y``'s dtype.
 
@@ -435,6 +441,7 @@ def top_r(
     ``S`` ``(B, r)`` descending, ``V`` ``(B, n, r)`` and one info dict per matrix.
     """
     Bn, m, n = W.shape
+    generator = _own_generator(generator)
     k = min(m, n)
     p = default_oversample(rank, k) if oversample is None else max(0, min(oversample, k - rank))
     ell = rank + p
@@ -798,6 +805,7 @@ def bottom_r(
     ``S`` ``(B, r)`` descending, ``V`` ``(B, n, r)`` and info dicts.
     """
     Bn, m, n = W.shape
+    generator = _own_generator(generator)
     k = min(m, n)
     if factors is None:
         # square layers (q_proj, o_proj) have κ(M) ~ 1e8 in practice: κ² rules out the Gram paths
@@ -991,7 +999,8 @@ def fast_cosvd(
     """Fast top/bottom-``rank`` CO-SVD of ``W`` ``(m, n)`` / ``(B, m, n)`` with damped ``C_fix``.
 
     Returns ``(U, S, V, infos)`` float32 with the input's batch layout; ``infos`` is a list
-    (one dict per matrix: ``method``, ``iterations``, ``sv_rel_bound`` …).
+    (one dict per matrix: ``method``, ``iterations``, ``sv_rel_bound`` …). The random starts come
+    from ``generator``, by default from one seeded 0 (deterministic; the global RNG is not used).
     """
     single = W.dim() == 2
     Wb = W.unsqueeze(0) if single else W

@@ -476,3 +476,17 @@ def test_gram_and_qr_factors_from_panels(
     assert infos[0]["method"] == f"fast-kpm-{factor}", infos
     c = check(W, C_fix, (U[0], S[0], V[0]), reference(W, C_fix), 8, "bottom", infos[0])
     assert c["sv_rel_err"] < 1e-5
+
+
+@pytest.mark.parametrize("which", ["top", "bottom"])
+def test_default_generator_is_deterministic_and_leaves_the_global_rng(which: str, gen: torch.Generator) -> None:
+    """Without a generator: the same triplets on every call, and the caller's RNG stream untouched."""
+    W, C = outlier_case(160, 200, gen)
+    C_fix = ck.damped_inverse(C)[0]
+    state = torch.get_rng_state()
+    first = fast_cosvd(W, C_fix, rank=6, which=which)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(1234)  # another global state: no effect on the result
+    again = fast_cosvd(W, C_fix, rank=6, which=which)
+    for a, b in zip(first[:3], again[:3]):
+        assert torch.equal(a, b)
