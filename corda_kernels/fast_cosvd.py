@@ -901,19 +901,17 @@ def bottom_r(
                     continue
                 if G is None:
                     G = _gram64(W64, C64, wide)
-            elif A_full is None:
-                A_full = tall_A()
-            if norm2 is None:  # ‖A‖₂ from AᵀA where it exists
-                AtA = (lambda X, G=G: G @ X) if G is not None else (lambda X, A=A_full: A.mT @ (A @ X))
-                norm2 = _power_norm(AtA, (Bn, k), device=W.device).sqrt() * 1.01
-            if factor == "gram":
-                assert G is not None
                 F, info = torch.linalg.cholesky_ex(G, upper=True)
                 if bool((info != 0).any()):
                     tried.append("gram: not positive definite in float64")
                     continue
             else:
+                if A_full is None:
+                    A_full = tall_A()
                 F = torch.linalg.qr(A_full, mode="r").R
+            if norm2 is None:  # ‖A‖₂ from AᵀA where it exists
+                AtA = (lambda X, G=G: G @ X) if G is not None else (lambda X, A=A_full: A.mT @ (A @ X))
+                norm2 = _power_norm(AtA, (Bn, k), device=W.device).sqrt() * 1.01
 
             Ft = F.transpose(-1, -2).contiguous()
 
