@@ -427,6 +427,26 @@ def test_heavy_head_top_continues_in_float64(gen: torch.Generator, monkeypatch: 
     assert c32["sv_rel_err"] > 10 * c["sv_rel_err"], (c32, c)
 
 
+@pytest.mark.parametrize("kind", ["square", "wide"])
+def test_top_row_panel_products(kind: str, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The top's float32 products in row-panel form ((Xᵀ·C)·Wᵀ, used above n = 4096) give the same
+    triplets as the plain form, to float32 rounding, and meet every criterion."""
+    from corda_kernels import fast_cosvd as fc
+
+    W, C = real_case(kind)
+    C_fix = ck.damped_inverse(C)[0]
+    ref = reference(W, C_fix)
+    seed = int(torch.randint(2**31, (1,), generator=gen))
+    out = {}
+    for form, min_n in (("rows", 0), ("plain", 10**9)):
+        monkeypatch.setattr(fc, "_ROWS_MIN_N", min_n)
+        U, S, V, infos = fast_cosvd(W, C_fix, rank=24, which="top", generator=torch.Generator().manual_seed(seed))
+        check(W, C_fix, (U, S, V), ref, 24, "top", infos[0])
+        out[form] = (U, S, V)
+    assert rel_err(out["rows"][1], out["plain"][1]) < 1e-6
+    assert compare_triplets(out["rows"], out["plain"])["u_cos_min"] > 0.9999
+
+
 def test_float64_products_convert_by_blocks(gen: torch.Generator) -> None:
     """_mm64: a float32 operand converted a block of rows at a time, transposed views included."""
     from corda_kernels.fast_cosvd import _MM64_ROWS, _mm64
