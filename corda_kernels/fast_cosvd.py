@@ -531,7 +531,11 @@ def top_r(
     Sr = S[..., :rank]
     Pr = (Z @ Yt) / Sr.unsqueeze(-2)  # v_i: Mᵀ u_i = σ_i v_i
     V = (Yt.transpose(-1, -2) @ QtW).transpose(-1, -2) / Sr.unsqueeze(-2)  # Wᵀ U = C⁻¹ v for these pairs
-    res = _m_rows(W, C_fix, Pr) - U * Sr.unsqueeze(-2)
+    # the posterior residual M v_i − σ_i u_i: in float32 (one product of r columns) where the
+    # iteration ran in float32 — it resolves residuals down to ~u₃₂·σ_1/σ_i, below the tolerance
+    # there; in float64 where a matrix needed the float64 continuation (heavy head)
+    MPr = _m_rows(W, C_fix, Pr) if need else mv(Pr.float()).double()
+    res = MPr - U * Sr.unsqueeze(-2)
     rel_res = (res.norm(dim=-2) / Sr).cpu()
     infos = []
     for b in range(Bn):
