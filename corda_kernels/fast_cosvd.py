@@ -228,8 +228,9 @@ _ROWS_MIN_N = 4096  # above this n the top's float32 products take the row-panel
 
 # The float64 products of M = W·C with a thin block are taken on row panels: (Xᵀ·W)·C rather
 # than C·(Wᵀ·X). MKL's float64 GEMM with a thin right operand runs at 7–12 GFLOP/s on one
-# core, with a thin left operand at 18–26 (measured at n = 4096, l = 16–32; float32 does not
-# care). C_fix is symmetric, so both forms are the same product.
+# core, with a thin left operand at 18–26 (measured at n = 4096, l = 16–32; float32 cares only
+# for large n, where top_r uses the same helpers). C_fix is symmetric, so both forms are the
+# same product.
 _MM64_ROWS = 512  # rows of a float32 operand converted to float64 at a time by _mm64
 
 
@@ -472,7 +473,7 @@ def top_r(
         if M32 is not None:
             return M32 @ X
         if rows:
-            return ((X.mT.contiguous() @ C32) @ W32.mT).mT
+            return _m_rows(W32, C32, X)
         return W32 @ (C32 @ X)
 
     def mtv(Y: torch.Tensor) -> torch.Tensor:  # Mᵀ Y = C (Wᵀ Y)
@@ -480,7 +481,7 @@ def top_r(
         if M32 is not None:
             return M32.mT @ Y
         if rows:
-            return ((Y.mT.contiguous() @ W32) @ C32).mT
+            return _mt_rows(W32, C32, Y)[0]
         return C32 @ (W32.mT @ Y)
 
     omega = torch.randn(Bn, n, b, generator=generator, dtype=torch.float32, device="cpu").to(dev)
