@@ -528,6 +528,7 @@ def top_r(
     # in their own dtype, _mm64 converts them block by block
     Q64 = _orth(Q[..., : rank + min(p, _FINAL_EXTRA)].double())
     Z, QtW = _mt_rows(W, C_fix, Q64)  # Mᵀ Q
+    matvecs[0] += Q64.shape[-1]
     S, Yt = _ritz(Z)
     Yt = Yt[..., :rank]
     U = Q64 @ Yt
@@ -537,7 +538,11 @@ def top_r(
     # the posterior residual M v_i − σ_i u_i: in float32 (one product of r columns) where the
     # iteration ran in float32 — it resolves residuals down to ~u₃₂·σ_1/σ_i, below the tolerance
     # there; in float64 where a matrix needed the float64 continuation (heavy head)
-    MPr = _m_rows(W, C_fix, Pr) if need else mv(Pr.float()).double()
+    if need:
+        matvecs[0] += Pr.shape[-1]
+        MPr = _m_rows(W, C_fix, Pr)
+    else:
+        MPr = mv(Pr.float()).double()  # mv counts its columns
     res = MPr - U * Sr.unsqueeze(-2)
     rel_res = (res.norm(dim=-2) / Sr).cpu()
     infos = []
