@@ -21,7 +21,7 @@ from _gpu_util import SMALL, guarded, rel_err, row, timeit  # noqa: E402
 
 import corda_kernels as ck  # noqa: E402
 import corda_kernels.kernels.damping_triton as dt  # noqa: E402
-from corda_kernels.damping import damp_covariance, diag_means, fix_covariance  # noqa: E402
+from corda_kernels.damping import check_residual, damp_covariance, diag_means, fix_covariance, rule_allows  # noqa: E402
 from corda_kernels.kernels.damping_triton import residual_norm, shifted_copy  # noqa: E402
 
 
@@ -57,14 +57,25 @@ def _search(device: str, size: tuple[int, int, int, float], seed: int) -> list[d
     f1, i1, d1 = ck.damped_inverse(C, damp=damp0, screen=False)
     o_ms = timeit(lambda: ck.damped_inverse(C, damp=damp0, screen=False), device, rep_ms=300)
     ck.set_backend("auto")
-    same, same_fix = torch.equal(d0, d1), torch.equal(f0, f1)
+    # each backend's damps must be ones the rule allows (float64 replay; a residual within rounding
+    # of the threshold may go either way); equal damps must give bit-identical C_fix
+    problems = rule_allows(C, d0, damp=damp0) + rule_allows(C, d1, damp=damp0)
+    same_fix = all(torch.equal(f0[b], f1[b]) for b in range(B) if d0[b] == d1[b])
     steps = [round(float(torch.log2(d / damp0))) for d in d0]
-    note = f"{'pass' if same and same_fix else 'FAIL'}: damps equal={same}, C_fix equal={same_fix}, doublings {steps}"
+    steps1 = [round(float(torch.log2(d / damp0))) for d in d1]
+    ok = not problems and same_fix
+    note = (
+        f"{'pass' if ok else 'FAIL'}: doublings torch {steps} triton {steps1}, C_fix equal where damps equal={same_fix}"
+    )
+    note += f"; {problems[0]}" if problems else ""
     rows = [row("damped_inverse search", f"B={B} n={n}", o_ms, t_ms, rel_err(i1, i0), note)]
     f3, d3, _ = damp_covariance(C, damp=damp0)  # the screen (LU + probes), no inverse handed back
     s_ms = timeit(lambda: damp_covariance(C, damp=damp0), device, rep_ms=300)
-    ok = torch.equal(d3, d0) and torch.equal(f3, f0)
-    note = f"{'pass' if ok else 'FAIL'}: same damps and C_fix as the rule"
+    problems = rule_allows(C, d3, damp=damp0)
+    same_fix = all(torch.equal(f3[b], f0[b]) for b in range(B) if d3[b] == d0[b])
+    ok = not problems and same_fix
+    note = f"{'pass' if ok else 'FAIL'}: damps the rule allows, C_fix equal where damps equal={same_fix}"
+    note += f"; {problems[0]}" if problems else ""
     rows.append(row("damp_covariance (screen)", f"B={B} n={n}", s_ms, t_ms, 0.0, note))
     if torch.device(device).type == "cuda":
         dt.CHECK_INPUT_PRECISION = "tf32x3"
@@ -93,7 +104,10 @@ def _kernels(device: str) -> list[dict[str, Any]]:
     ours = residual_norm(A, inv)
     r_ms = timeit(lambda: torch.linalg.matrix_norm(A @ inv - eye), device)
     o_ms = timeit(lambda: residual_norm(A, inv), device)
-    ok = "pass" if rel_err(ours, ref) < 1e-3 else "FAIL"
+    # both fp32 values lie within the derived band of the float64 value (any summation order)
+    r64, rho = check_residual(A, inv)
+    within = bool(((ours.double().cpu() - r64).abs() <= rho).all() and ((ref.double().cpu() - r64).abs() <= rho).all())
+    ok = "pass" if within else "FAIL"
     rows.append(row("‖C_fix·C_inv − I‖_F", f"B={B} n={n}", o_ms, r_ms, rel_err(ours, ref),
                     f"{ok}: values {_r(ours)} vs torch {_r(ref)}"))  # fmt: skip
     for cfg in ({"block": 128, "block_k": 32, "num_warps": 8}, {"block": 128, "block_k": 16, "num_warps": 8},

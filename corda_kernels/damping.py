@@ -24,6 +24,7 @@ the literal rule.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -197,6 +198,79 @@ def _identity_residual(fixed: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     prod = fixed @ inv
     prod.diagonal(dim1=-2, dim2=-1).sub_(1)
     return torch.linalg.matrix_norm(prod)
+
+
+ORDER_SIGMAS = 6.0  # standard deviations of the rounding model covered by check_residual's band
+
+
+def check_residual(fixed: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The check's value in float64 and how far a float32 evaluation of it may fall from it.
+
+    For ``fixed``, ``inv`` ``(B, n, n)`` float32 returns float64 ``(r, rho)`` ``(B,)``: ``r`` =
+    ``‖fixed·inv − I‖_F`` computed in float64 from the float32 operands, and ``rho`` the band in
+    which a float32 evaluation in any summation order (another CPU's BLAS kernel, a Triton tile
+    order) lands. Worst-case analysis (``γ_n·‖|fixed|·|inv|‖_F``) is rigorous but 10²–10³× wider
+    than any order gives on the cancelling products of a near-singular ``fixed`` and its
+    inverse. The band uses the rounding error ``E = fl₃₂(fixed·inv) − fixed·inv`` of the product
+    as formed here instead: another order gives ``E'`` with entries of the same magnitudes,
+    and ``‖P + E'‖ − ‖P‖ ≈ ⟨P̂, E'⟩ + ‖E'‖²/(2‖P‖)`` (``P`` the exact residual matrix,
+    ``P̂ = P/‖P‖``), whose first term has standard deviation ``≈ ‖P̂∘E‖_F``; so
+    ``rho = min(worst case, ORDER_SIGMAS·√2·‖P̂∘E‖_F + 2‖E‖²/‖P‖)`` (the last term allows
+    ``‖E'‖ ≤ 2‖E‖``), plus the ``− I`` and the norm's pairwise reduction. Two machines or
+    backends may take opposite decisions at a threshold ``t`` only when ``|r − t| ≤ rho``.
+    """
+    n = fixed.shape[-1]
+    u = torch.finfo(torch.float32).eps / 2
+    A, X = fixed.double(), inv.double()
+    exact = A @ X
+    E = (fixed.float() @ inv.float()).double() - exact
+    P = exact
+    P.diagonal(dim1=-2, dim2=-1).sub_(1)
+    r = torch.linalg.matrix_norm(P)
+    gamma = n * u / (1 - n * u)
+    worst = gamma * torch.linalg.matrix_norm(A.abs() @ X.abs())
+    r_safe = r.clamp_min(torch.finfo(torch.float64).tiny).view(-1, 1, 1)
+    model = ORDER_SIGMAS * 2**0.5 * torch.linalg.matrix_norm(P / r_safe * E) + 2 * E.square().sum(
+        (-2, -1)
+    ) / r_safe.view(-1)
+    prod = torch.minimum(worst, model) + u * (r + n**0.5)
+    levels = math.ceil(math.log2(max(n * n, 2))) + 1
+    rho = prod + levels * u / (1 - levels * u) * (r + prod)
+    return r.cpu(), rho.cpu()
+
+
+def rule_allows(
+    C: torch.Tensor,
+    damps: torch.Tensor,
+    *,
+    damp: float = DEFAULT_DAMP,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> list[str]:
+    """Whether the damps a backend chose for ``C`` ``(B, n, n)`` are ones the rule can choose.
+
+    The rule is replayed in float64 (:func:`check_residual`) on the very ``C_fix`` and inverse
+    of each step: a step whose residual lies within rounding of ``threshold`` may be accepted
+    or rejected (another CPU or kernel may sum in another order), every other step must be
+    decided as in exact arithmetic on those operands. Returns the violations as sentences
+    (empty: the choice is one the rule allows). The oracle of the tests and the GPU suite.
+    """
+    problems = []
+    for b in range(C.shape[0]):
+        d = float(damps[b])
+        steps = math.log2(d / damp)
+        if abs(steps - round(steps)) > 1e-9 or steps < -1e-9:
+            problems.append(f"matrix {b}: damp {d:g} is not {damp:g}·2^k")
+            continue
+        for k in range(round(steps) + 1):
+            fixed = fix_covariance(C[b : b + 1], torch.tensor([damp * 2.0**k], dtype=torch.float64))
+            inv, info = inv_ex(fixed)
+            r, rho = check_residual(fixed, inv)
+            r, rho = float(r[0]), float(rho[0])
+            if k < round(steps) and int(info[0]) == 0 and r + rho < threshold:
+                problems.append(f"matrix {b}: damp {damp * 2.0**k:g} passes the check surely (r = {r:.3g} ± {rho:.2g})")
+            if k == round(steps) and (int(info[0]) != 0 or r - rho >= threshold):
+                problems.append(f"matrix {b}: damp {d:g} fails the check surely (r = {r:.3g} ± {rho:.2g})")
+    return problems
 
 
 def damped_inverse(

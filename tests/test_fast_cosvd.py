@@ -470,7 +470,8 @@ def test_gram64_blocks_match_float64(m: int, n: int, gen: torch.Generator, monke
     monkeypatch.setattr(fc, "_GRAM_PANEL", 8)
     W = torch.randn(2, m, n, generator=gen, dtype=torch.float64)
     X = torch.randn(2, n, 2 * n, generator=gen)
-    C = (X @ X.mT).float()  # float32 and symmetric, like C_fix
+    C = (X @ X.mT).float()
+    C = (C + C.mT) / 2  # float32 and exactly symmetric, like C_fix (a float32 GEMM's X·Xᵀ need not be)
     wide = m <= n
     A = (W @ C.double()).mT if wide else W @ C.double()
     ref = A.mT @ A
