@@ -1,16 +1,23 @@
 """Calibration: forward hooks that stream each target layer's input covariance.
 
 Layers that read the same input tensor (q/k/v, gate/up) share one accumulator; sharing is
-detected at run time from tensor identity, never from module names. Normalizations:
+detected at run time from tensor identity, never from module names, and re-checked on every
+call: a layer called twice on one tensor counts two samples (as PEFT counts them), and layers
+that shared an input once but later read different tensors are split apart with their exact
+common history. Normalizations:
 
 * ``peft`` (default, PEFT parity): every sequence ``s`` is scaled by ``1/|max(X_s)|`` (signed
   max over its real tokens, then abs) and ``C = (1/N_seq) Σ_s X_sᵀX_s / max(X_s)²``.
 * ``mean``: ``C = (1/T) Σ_t x_t x_tᵀ`` over the ``T`` real tokens.
 
 Any batch size is accepted: padding (``mask`` False) contributes nothing, so a batch gives
-the covariance of its sequences fed one at a time. ``rounds = K > 1`` keeps K candidate
-covariances (CorDA++), sequence ``i`` of the calibration going to round ``i mod K`` unless
-the caller assigns rounds.
+the covariance of its sequences fed one at a time. Batch-1 callers (PEFT's usage) feed a few
+hundred tokens per call: the scaled rows of small samples are copied into a per-accumulator
+buffer of ``BUFFER_ROWS`` rows and accumulated with one GEMM per full buffer, so the cost per
+call is one copy, not one small GEMM. Finiteness is checked once per accumulator at the end
+(a NaN/Inf activation makes the sums non-finite), naming the layer. ``rounds = K > 1`` keeps K
+candidate covariances (CorDA++), sequence ``i`` of the calibration going to round ``i mod K``
+unless the caller assigns rounds.
 """
 
 from __future__ import annotations
@@ -27,10 +34,23 @@ from torch import nn
 from .covariance import covariance_update, symmetrize_
 
 NORMALIZATIONS = ("peft", "mean")
+BUFFER_ROWS = 512  # rows per accumulator buffer: one GEMM per 512 buffered tokens
+_DIRECT_ROWS = 256  # a sample with at least this many real tokens goes to the GEMM directly
 
 
 class NonFiniteActivationError(ValueError):
     """A target layer saw NaN/Inf activations (or a sequence whose max is zero)."""
+
+
+@dataclass
+class _Sample:
+    """One forward's input to an accumulator, applied once every member has read it."""
+
+    ref: weakref.ReferenceType
+    x3: torch.Tensor  # (B, L, n), the activations themselves (no copy)
+    mask: torch.Tensor | None  # (B, L) bool or None (all real)
+    bucket: torch.Tensor | None  # (B,) round of each sequence, or None
+    consumed: set[str]
 
 
 @dataclass
@@ -40,15 +60,94 @@ class Accumulator:
     n: int
     rounds: int
     device: torch.device
+    normalization: str
     members: list[str] = field(default_factory=list)
     C: torch.Tensor | None = None  # (rounds, n, n) float32, upper triangle valid until finalized
     weight: torch.Tensor | None = None  # (rounds,) float64: sequences (peft) or tokens (mean)
-    updates: int = 0
-    last: weakref.ReferenceType | None = None
+    samples: int = 0  # samples applied (each read by every member)
+    pending: _Sample | None = None
+    last: weakref.ReferenceType | None = None  # the input of the last applied sample
+    buf: torch.Tensor | None = None  # (BUFFER_ROWS, n) float32 rows not yet in C (rounds == 1)
+    fill: int = 0
 
     def __post_init__(self) -> None:
         self.C = torch.zeros(self.rounds, self.n, self.n, dtype=torch.float32, device=self.device)
         self.weight = torch.zeros(self.rounds, dtype=torch.float64)
+
+    def fork(self, members: list[str]) -> Accumulator:
+        """A copy of the applied history (not the pending sample) for ``members``."""
+        twin = Accumulator(self.n, self.rounds, self.device, self.normalization, list(members))
+        twin.C = self.C.clone()
+        twin.weight = self.weight.clone()
+        twin.samples, twin.last = self.samples, self.last
+        if self.buf is not None:
+            twin.buf, twin.fill = self.buf.clone(), self.fill
+        return twin
+
+    # -- applying samples ------------------------------------------------------------------
+    def apply(self, sample: _Sample, name: str) -> None:
+        """Add ``sample`` to the sums (PEFT's normalization per sequence, padding masked)."""
+        x3, mask, bucket = sample.x3, sample.mask, sample.bucket
+        B, L, n = x3.shape
+        if self.normalization == "peft":
+            if mask is None:
+                peak = x3.amax(dim=(1, 2)).float().abs()
+                counts = torch.ones(B, dtype=torch.float64)
+            else:
+                peak = x3.amax(dim=-1).float().masked_fill(~mask, float("-inf")).amax(dim=1).abs()
+                real = mask.any(1)
+                peak = torch.where(real, peak, torch.ones_like(peak))
+                counts = real.double().cpu()
+            # 1/0 = inf for a zero max: the sums become non-finite and finalize names the layer
+            row_scale = 1.0 / peak
+        else:
+            row_scale = None
+            counts = torch.full((B,), float(L), dtype=torch.float64) if mask is None else mask.sum(1).double().cpu()
+        if bucket is None:
+            self.weight[0] += counts.sum()
+        else:
+            self.weight.index_add_(0, bucket.cpu(), counts)
+        self.samples += 1
+        self.last = sample.ref
+        rows = B * L if mask is None else None
+        if bucket is None and self.rounds == 1 and mask is None and rows is not None and rows < _DIRECT_ROWS:
+            self._buffer(x3.reshape(rows, n), None if row_scale is None else row_scale.repeat_interleave(L))
+            return
+        scale = None if row_scale is None else row_scale.square()
+        self._gemm(x3, mask, scale, bucket)
+
+    def _buffer(self, rows: torch.Tensor, scale: torch.Tensor | None) -> None:
+        if self.buf is None:
+            self.buf = torch.empty(BUFFER_ROWS, self.n, dtype=torch.float32, device=rows.device)
+        if self.fill + rows.shape[0] > BUFFER_ROWS:
+            self.flush()
+        dst = self.buf[self.fill : self.fill + rows.shape[0]]
+        if scale is None:
+            dst.copy_(rows)
+        else:
+            torch.mul(rows, scale.to(rows.device).unsqueeze(1), out=dst)
+        self.fill += rows.shape[0]
+
+    def flush(self) -> None:
+        """Accumulate the buffered rows with one GEMM."""
+        if self.fill:
+            self._gemm(self.buf[: self.fill].unsqueeze(0), None, None, None)
+            self.fill = 0
+
+    def _gemm(self, x3, mask, scale, bucket) -> None:  # noqa: ANN001
+        if self.C.device == x3.device:
+            _update(self.C, x3, mask, scale, bucket)
+        else:  # accumulator kept off the activations' device
+            tmp = torch.zeros_like(self.C, device=x3.device)
+            _update(tmp, x3, mask, scale, bucket)
+            self.C += tmp.to(self.C.device)
+
+
+def _update(C: torch.Tensor, x3, mask, scale, bucket) -> None:  # noqa: ANN001
+    if bucket is None:
+        covariance_update(C[0], x3, mask=mask, seq_scale=scale, upper_only=True)
+    else:
+        covariance_update(C, x3, mask=mask, seq_scale=scale, seq_bucket=bucket, upper_only=True)
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -70,7 +169,8 @@ class CovarianceCollector:
 
     Use as ``with collector.attached(): ...forward passes...``, announcing each batch's
     padding mask with :meth:`set_batch` when there is padding. Then :meth:`covariance` /
-    :meth:`candidates` give the finished ``(n, n)`` / ``(K, n, n)`` float32 matrices.
+    :meth:`candidates` give the finished ``(n, n)`` / ``(K, n, n)`` float32 matrices and
+    ``calls[name]`` the number of forward calls each layer saw (PEFT's ``sample_count``).
     """
 
     def __init__(
@@ -96,7 +196,7 @@ class CovarianceCollector:
         self.acc_of: dict[str, Accumulator] = {}
         self.calls: dict[str, int] = {name: 0 for name in modules}
         self.order: list[str] = []  # layers in the order of their first call
-        self._recent: deque[tuple[weakref.ReferenceType, Accumulator]] = deque(maxlen=16)
+        self._recent: deque[Accumulator] = deque(maxlen=16)
         self._mask: torch.Tensor | None = None
         self._bucket: torch.Tensor | None = None
         self._seen_sequences = 0
@@ -132,75 +232,78 @@ class CovarianceCollector:
 
         return hook
 
-    def _accumulator_for(self, name: str, module: nn.Module, x: torch.Tensor) -> Accumulator:
-        acc = self.acc_of.get(name)
-        if acc is not None:
-            return acc
-        if self.share_inputs:
-            for ref, cand in self._recent:
-                if ref() is x:
-                    acc = cand
-                    break
-        if acc is None:
-            device = self.device or x.device
-            acc = Accumulator(n=x.shape[-1], rounds=self.rounds, device=device)
-        acc.members.append(name)
-        self.acc_of[name] = acc
-        self.order.append(name)
-        return acc
+    def _join(self, name: str, x: torch.Tensor) -> Accumulator | None:
+        """An accumulator whose whole history is this very input (a layer reading the same tensor)."""
+        if not self.share_inputs:
+            return None
+        for acc in reversed(self._recent):
+            pend = acc.pending
+            if pend is not None and pend.ref() is x and acc.samples == 0:
+                return acc
+            if pend is None and acc.samples == 1 and acc.last is not None and acc.last() is x:
+                return acc
+        return None
 
     @torch.no_grad()
     def _observe(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         n = in_features(module)
         if x.shape[-1] != n:
             raise ValueError(f"layer {name}: input has {x.shape[-1]} features, the layer expects {n}")
-        acc = self._accumulator_for(name, module, x)
         self.calls[name] += 1
-        if acc.last is not None and acc.last() is x:
-            return  # a layer sharing this input already accumulated it
-        acc.last = weakref.ref(x)
-        self._recent.append((acc.last, acc))
-        acc.updates += 1
+        acc = self.acc_of.get(name)
+        if acc is None:
+            self.order.append(name)
+            acc = self._join(name, x)
+            if acc is not None:  # its whole history is this input: nothing to add
+                acc.members.append(name)
+                self.acc_of[name] = acc
+                if acc.pending is not None:
+                    acc.pending.consumed.add(name)
+                    self._close_if_complete(acc)
+                return
+            acc = Accumulator(n, self.rounds, self.device or x.device, self.normalization, [name])
+            self.acc_of[name] = acc
+            self._recent.append(acc)
+        pend = acc.pending
+        if pend is not None and pend.ref() is x and name not in pend.consumed:
+            pend.consumed.add(name)  # another member reading the same input: shared, no work
+            self._close_if_complete(acc)
+            return
+        if pend is not None:  # a new sample begins before every member read the pending one
+            self._close(acc)
+            acc = self.acc_of[name]
         x3 = x.detach().reshape(-1, *x.shape[-2:]) if x.dim() >= 2 else x.detach().view(1, 1, -1)
         B, L, _ = x3.shape
-        mask = self._batch_mask(B, L, x3.device, name)
-        bucket = self._batch_rounds(B, x3.device, name)
-        if self.normalization == "peft":
-            real = mask.any(1)
-            peak = x3.amax(dim=-1).float().masked_fill(~mask, float("-inf")).amax(dim=1).abs()
-            if bool((peak[real] == 0).any()):
-                raise NonFiniteActivationError(
-                    f"layer {name}: a calibration sequence has max activation 0; PEFT's normalization divides by it"
-                )
-            scale = torch.where(real, 1.0 / peak.clamp_min(torch.finfo(torch.float32).tiny) ** 2, 0.0)
-            counts = real.double()
-        else:
-            scale = None
-            counts = mask.sum(1).double()
-        C = acc.C if acc.C.device == x3.device else None
-        if C is None:  # accumulator kept off the activations' device
-            tmp = torch.zeros_like(acc.C, device=x3.device)
-            self._update(tmp, x3, mask, scale, bucket)
-            acc.C += tmp.to(acc.C.device)
-        else:
-            self._update(C, x3, mask, scale, bucket)
-        if bucket is None:
-            acc.weight[0] += counts.sum().cpu()
-        else:
-            acc.weight.index_add_(0, bucket.cpu(), counts.cpu())
+        acc.pending = _Sample(
+            weakref.ref(x), x3, self._batch_mask(B, L, x3.device, name), self._batch_rounds(B, x3.device, name), {name}
+        )
+        self._close_if_complete(acc)
 
-    def _update(self, C: torch.Tensor, x3, mask, scale, bucket) -> None:  # noqa: ANN001
-        if bucket is None:
-            covariance_update(C[0], x3, mask=mask, seq_scale=scale, upper_only=True)
-        else:
-            covariance_update(C, x3, mask=mask, seq_scale=scale, seq_bucket=bucket, upper_only=True)
+    def _close_if_complete(self, acc: Accumulator) -> None:
+        if acc.pending is not None and len(acc.pending.consumed) == len(acc.members):
+            self._close(acc)
 
-    def _batch_mask(self, B: int, L: int, device: torch.device, name: str) -> torch.Tensor:
+    def _close(self, acc: Accumulator) -> None:
+        """Apply the pending sample; members that did not read it leave with the history before it."""
+        pend = acc.pending
+        assert pend is not None
+        acc.pending = None
+        missed = [m for m in acc.members if m not in pend.consumed]
+        if missed:
+            twin = acc.fork(missed)
+            for m in missed:
+                self.acc_of[m] = twin
+            acc.members = [m for m in acc.members if m in pend.consumed]
+            self._recent.append(twin)
+        acc.apply(pend, acc.members[0])
+
+    def _batch_mask(self, B: int, L: int, device: torch.device, name: str) -> torch.Tensor | None:
         if self._mask is None:
-            return torch.ones(B, L, dtype=torch.bool, device=device)
+            return None
         if tuple(self._mask.shape) != (B, L):
             raise ValueError(f"layer {name}: batch mask has shape {tuple(self._mask.shape)}, activations ({B}, {L})")
-        return self._mask.to(device=device, dtype=torch.bool)
+        mask = self._mask.to(device=device, dtype=torch.bool)
+        return None if bool(mask.all()) else mask
 
     def _batch_rounds(self, B: int, device: torch.device, name: str) -> torch.Tensor | None:
         if self.rounds == 1:
@@ -214,23 +317,23 @@ class CovarianceCollector:
     # -- results ---------------------------------------------------------------------------
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteActivationError` naming the first layer whose covariance is not finite."""
-        for name in self.order:
-            if not bool(torch.isfinite(self.acc_of[name].C).all()):
+        for acc in self.accumulators():
+            if not bool(torch.isfinite(acc.C.sum()) or torch.isfinite(acc.C).all()):
                 raise NonFiniteActivationError(
-                    f"layer {name}: NaN or Inf in its input activations (the covariance is not finite)"
+                    f"layer {acc.members[0]}: NaN or Inf in its input activations, or a calibration sequence "
+                    "whose max activation is 0 (PEFT's normalization divides by it): the covariance is not finite"
                 )
 
     def finalize(self) -> None:
-        """Check, mirror the triangles; idempotent. Layers never called get no covariance."""
+        """Apply what is pending, check, mirror the triangles; idempotent. Layers never called get no covariance."""
         if self._finalized:
             return
         for acc in self.accumulators():
-            bad = [m for m in acc.members if self.calls[m] != acc.updates]
-            if bad:
-                raise RuntimeError(
-                    f"layers {', '.join(acc.members)} shared one input on their first call but not on later "
-                    "ones; calibrate with share_inputs=False"
-                )
+            if acc.pending is not None:
+                self._close(acc)
+        for acc in self.accumulators():
+            acc.flush()
+            acc.buf = None
         self.check_finite()
         for acc in self.accumulators():
             symmetrize_(acc.C)

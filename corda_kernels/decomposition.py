@@ -18,6 +18,11 @@ from .linalg import solve
 
 Which = Literal["top", "bottom", "all"]
 _METHODS = ("exact", "fast")
+# ``fast`` takes the float64 SVD itself below this min(m, n): there it is the cheaper of the two
+# (per layer, 4-layer batches, 2 cores: k = 64 0.4 ms exact against 0.7 / 0.9 ms for the fast
+# top / bottom; k = 128 1.9 against 1.4 / 2.7; k = 192 4.1 against 2.4 / 4.2; k = 256 8.4 against
+# 2.9 / 5.7), and exact.
+FAST_MIN_K = 160
 _FAST: dict[str, object] = {}  # filled by the fast-decomposition module when present
 
 
@@ -80,9 +85,9 @@ def cosvd(
     ``C`` is damped by the CorDA rule (:func:`~corda_kernels.damping.damp_covariance`) unless ``C_fix`` is given.
     Returns ``(U, S, V)``: ``U`` ``(m, r)``, ``S`` ``(r,)`` descending, ``V`` ``(n, r)`` float32,
     the ``rank`` largest (``which="top"``), smallest (``"bottom"``) or all ``k`` triplets.
-    ``method="fast"`` (default) takes :mod:`corda_kernels.fast_cosvd` for ``top``/``bottom``
-    (``all`` is always exact); a dict passed as ``info`` receives the method used and its
-    accuracy estimate.
+    ``method="fast"`` (default) takes :mod:`corda_kernels.fast_cosvd` for ``top``/``bottom`` where
+    ``min(m, n) ≥ FAST_MIN_K`` (below, the exact SVD is the cheaper; ``all`` is always exact); a
+    dict passed as ``info`` receives the method used and its accuracy estimate.
     """
     if which not in ("top", "bottom", "all"):
         raise ValueError(f"cosvd: which must be 'top', 'bottom' or 'all', got {which!r}")
@@ -96,7 +101,7 @@ def cosvd(
     if C_fix is None:
         C_fix = damp_covariance(C.float())[0]
     fast = _FAST.get("cosvd")
-    if method == "fast" and fast is not None and which != "all":
+    if method == "fast" and fast is not None and which != "all" and k >= FAST_MIN_K:
         return fast(W, C_fix, rank=rank, which=which, info=info)  # type: ignore[operator]
     if info is not None:
         info["method"] = "exact"

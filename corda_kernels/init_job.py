@@ -298,7 +298,9 @@ def export(model, tokenizer, targets, adapters, ranks, alphas, opts: InitOptions
     cfg = lora_config(
         opts, corda=False, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, targets=sorted(targets)
     )
-    cfg.base_model_name_or_path = str(residual_dir.resolve())
+    # get_peft_model names the model's own name_or_path as the adapter's base model: the residual
+    # directory, which is what the adapter must be loaded onto
+    model.name_or_path = str(residual_dir.resolve())
     peft_model = get_peft_model(model, cfg)
     layers = dict(peft_model.named_modules())
     with torch.no_grad():
