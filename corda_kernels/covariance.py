@@ -79,8 +79,7 @@ def _covariance_update_torch(
 
 def symmetrize_(C: torch.Tensor) -> torch.Tensor:
     """Mirror the upper triangle of ``C`` (``(..., n, n)``) onto the lower one, in place."""
-    upper = torch.triu(C)
-    C.copy_(upper + upper.transpose(-1, -2) - torch.diag_embed(torch.diagonal(C, dim1=-2, dim2=-1)))
+    C.copy_(torch.triu(C) + torch.triu(C, 1).transpose(-1, -2))
     return C
 
 
