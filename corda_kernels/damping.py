@@ -164,8 +164,13 @@ def _decide(
     inv = torch.empty_like(fixed) if inverse else fixed.new_empty(0)
     if bool(need.any()):
         idx = need.nonzero().flatten()
-        sub = fixed if bool(need.all()) else fixed[idx.to(fixed.device)]
-        sub_inv, sub_info = inv_ex(sub)  # the very inverse the literal rule takes
+        whole = bool(need.all())
+        sub = fixed if whole else fixed[idx.to(fixed.device)]
+        # the very inverse the literal rule takes: torch's inv is a solve with the identity on
+        # the same LU (bit-identical), so the screen's factors are reused instead of refactored
+        eye = torch.eye(sub.shape[-1], dtype=sub.dtype, device=sub.device).expand_as(sub)
+        sub_LU, sub_piv = (LU, pivots) if whole else (LU[idx.to(LU.device)], pivots[idx.to(pivots.device)])
+        sub_inv, sub_info = lu_solve(sub_LU, sub_piv, eye), info if whole else info[idx.to(info.device)]
         if inverse:
             inv = sub_inv if bool(need.all()) else inv.index_copy_(0, idx.to(fixed.device), sub_inv)
         sel = unsure[idx]

