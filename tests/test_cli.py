@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,13 @@ def test_init_writes_loadable_peft_adapter(tiny_dir: Path, tmp_path: Path, mode:
     residual = AutoModelForCausalLM.from_pretrained(tmp_path / "residual")
     w0 = original.model.layers[0].mlp.down_proj.weight
     assert rel_err(residual.model.layers[0].mlp.down_proj.weight, w0) > 1e-4  # really the residual
-    adapted = PeftModel.from_pretrained(residual, tmp_path / "adapter")
+    # the adapter names the residual as its base model, and loads onto it without a word from PEFT
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == (tmp_path / "residual").resolve()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapted = PeftModel.from_pretrained(residual, tmp_path / "adapter")
+    assert not [str(w.message) for w in caught if "peft" in w.filename], [str(w.message) for w in caught]
     ids = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():
         assert rel_err(adapted(ids).logits, original(ids).logits) < 1e-5
