@@ -18,8 +18,8 @@ Per layer, whole layer included:
 * PEFT: its damping loop (explicit ``torch.linalg.inv`` and an ``n³`` check per step), fp32
   ``W @ C_fix``, full fp32 ``torch.linalg.svd``, ``V = (Vh @ C_inv)ᵀ``, crop. Its cost does not
   depend on ``r`` or top/bottom, so it is run once per shape and cropped for every row.
-* ours: :func:`corda_kernels.damping.damp_covariance` (the same rule, screened; its ``damp`` is checked equal to
-  PEFT's) and :func:`corda_kernels.fast_cosvd.fast_cosvd` (top: randomized, bottom: float64).
+* ours: :func:`corda_kernels.ops.damping.damp_covariance` (the same rule, screened; its ``damp`` is checked equal to
+  PEFT's) and :func:`corda_kernels.ops.cosvd.fast_cosvd` (top: randomized, bottom: float64).
 
 Times are medians of ``--repeats`` interleaved runs (PEFT, then every ``ours`` row) for
 shapes up to 2048², single runs above. Accuracy of both against a float64 reference (float64
@@ -42,8 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import corda_kernels as ck  # noqa: E402
-from corda_kernels.damping import damp_covariance  # noqa: E402
-from corda_kernels.fast_cosvd import compare_triplets, fast_cosvd  # noqa: E402
+from corda_kernels.ops.cosvd import compare_triplets, fast_cosvd  # noqa: E402
+from corda_kernels.ops.damping import damp_covariance  # noqa: E402
 
 FULL_SHAPES = [(2048, 2048), (4096, 4096), (4096, 11008)]
 QUICK_SHAPES = [(1024, 1024), (1024, 3072)]
@@ -53,7 +53,7 @@ RANKS = (16, 64, 128)
 # -- inputs ---------------------------------------------------------------------------------
 def real_pool(samples: int = 8, seq_len: int = 256) -> dict[str, list[torch.Tensor]]:
     """Real covariances and weights of the embedded model: ``C576``, ``C1536``, ``W576``, ``Wdown``."""
-    from corda_kernels.data import load_model, load_text, token_blocks
+    from corda_kernels.engine.data import load_model, load_text, token_blocks
 
     model, tok = load_model()
     names = ("q_proj", "o_proj", "gate_proj", "down_proj")
@@ -129,7 +129,7 @@ def peft_layer(W: torch.Tensor, C: torch.Tensor) -> tuple:
 
 def ours_layer(W: torch.Tensor, C: torch.Tensor, r: int, which: str) -> tuple:
     t0 = time.perf_counter()
-    C_fix, damps, _ = damp_covariance(C)  # the rule's damp, screened (corda_kernels.damping)
+    C_fix, damps, _ = damp_covariance(C)  # the rule's damp, screened (corda_kernels.ops.damping)
     damp = float(damps[0])
     t1 = time.perf_counter()
     U, S, V, infos = fast_cosvd(W, C_fix, rank=r, which=which)

@@ -55,7 +55,7 @@ def tiny_models(seq: int, samples: int):  # noqa: ANN201
 
 
 def smollm2(seq: int, samples: int):  # noqa: ANN201
-    from corda_kernels import data
+    from corda_kernels.engine import data
 
     model, tok = data.load_model()
     return [("smollm2", model, LLAMA_TARGETS, data.token_blocks(tok, data.load_text("lee"), samples, seq))]
@@ -63,8 +63,8 @@ def smollm2(seq: int, samples: int):  # noqa: ANN201
 
 def worst_sv_error(model, cfg: LoraConfig) -> float:  # noqa: ANN001
     """Worst relative error of the cropped singular values against a float64 CO-SVD (PEFT's damping rule)."""
-    from corda_kernels.calibration import linear_weight
-    from corda_kernels.damping import damp_covariance
+    from corda_kernels.engine.layers import linear_weight
+    from corda_kernels.ops.damping import damp_covariance
     from corda_kernels.peft import target_modules
 
     worst = 0.0

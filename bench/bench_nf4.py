@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import corda_kernels as ck
-from corda_kernels.nf4 import residual
+from corda_kernels.ops.nf4 import residual
 
 SHAPE = (2048, 2048)
 RANK = 64

@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from corda_kernels.calibration import CovarianceCollector
-from corda_kernels.data import load_model, load_text
-from corda_kernels.dynamic import decompose_plan, plan_dynamic
-from corda_kernels.pipeline import decompose_layers
-from corda_kernels.study import target_modules
+from corda_kernels.cli.study import target_modules
+from corda_kernels.engine.calibration import CovarianceCollector
+from corda_kernels.engine.data import load_model, load_text
+from corda_kernels.engine.dynamic import decompose_plan, plan_dynamic
+from corda_kernels.engine.pipeline import decompose_layers
 
 
 def calibrate(model, mods, ids: torch.Tensor, rounds: int, batch: int = 4) -> tuple[CovarianceCollector, float]:  # noqa: ANN001

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_cosvd import load_pool, tiled_layer  # noqa: E402
 
-from corda_kernels.damping import damp_covariance  # noqa: E402
-from corda_kernels.fast_cosvd import fast_cosvd, principal_cosines  # noqa: E402
+from corda_kernels.ops.cosvd import fast_cosvd, principal_cosines  # noqa: E402
+from corda_kernels.ops.damping import damp_covariance  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,12 +2,12 @@
 
 ``run(device)`` returns rows ``{kernel, shape, ours_ms, ref_ms, ratio, max_err, note}``.
 Inputs: ``B`` same-shaped layers (``W`` Gaussian, ``C`` from activations with four outlier
-channels, damped by :func:`~corda_kernels.damping.damp_covariance`), the heavy-head spectra
+channels, damped by :func:`~corda_kernels.ops.damping.damp_covariance`), the heavy-head spectra
 CO-SVD has. Per shape and ``r``:
 
 * ref: PEFT's decomposition, layer by layer: fp32 ``W @ C_fix``, full fp32 ``torch.linalg.svd``,
   ``Vh @ C_inv`` (the inverse is the damping's, precomputed, not timed);
-* ours: :func:`~corda_kernels.fast_cosvd.fast_cosvd` on the whole batch — top: float32 block
+* ours: :func:`~corda_kernels.ops.cosvd.fast_cosvd` on the whole batch — top: float32 block
   Krylov with a float64 Rayleigh–Ritz; bottom: float64 (square layers: the LU path; others: the
   Gram ``eigh`` / Cholesky paths).
 
@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _gpu_util import SMALL, guarded, row, sync  # noqa: E402
 
-from corda_kernels.damping import damp_covariance  # noqa: E402
-from corda_kernels.fast_cosvd import fast_cosvd  # noqa: E402
-from corda_kernels.linalg import inv_ex  # noqa: E402
+from corda_kernels.ops.cosvd import fast_cosvd  # noqa: E402
+from corda_kernels.ops.damping import damp_covariance  # noqa: E402
+from corda_kernels.ops.linalg import inv_ex  # noqa: E402
 
 SHAPES = [(2, 128, 128), (2, 96, 256)] if SMALL else [(4, 4096, 4096), (2, 4096, 11008)]  # (B, m, n)
 RANKS = (8,) if SMALL else (16, 64, 128)
@@ -71,7 +71,7 @@ def _shape(device: str, B: int, m: int, n: int, seed: int) -> list[dict[str, Any
     g = torch.Generator(device=device).manual_seed(seed)
     W, C = outlier_layers(B, m, n, device, g)
     C_fix, damps, _ = damp_covariance(C)
-    C_inv = inv_ex(C_fix)[0]  # batched torch.linalg.inv breaks on the CPU dry run (corda_kernels.linalg)
+    C_inv = inv_ex(C_fix)[0]  # batched torch.linalg.inv breaks on the CPU dry run (corda_kernels.ops.linalg)
     _peft(W[:1, :64, :64], C_fix[:1, :64, :64], C_inv[:1, :64, :64])  # warm-up (cuSOLVER handles)
     fast_cosvd(W[:1, :64, :64], C_fix[:1, :64, :64], rank=4, which="top")
     peft, p_ms = _once_ms(lambda: _peft(W, C_fix, C_inv), device)

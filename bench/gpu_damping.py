@@ -21,8 +21,8 @@ from _gpu_util import SMALL, guarded, rel_err, row, timeit  # noqa: E402
 
 import corda_kernels as ck  # noqa: E402
 import corda_kernels.kernels.damping_triton as dt  # noqa: E402
-from corda_kernels.damping import check_residual, damp_covariance, diag_means, fix_covariance, rule_allows  # noqa: E402
 from corda_kernels.kernels.damping_triton import residual_norm, shifted_copy  # noqa: E402
+from corda_kernels.ops.damping import check_residual, damp_covariance, diag_means, fix_covariance, rule_allows  # noqa: E402
 
 
 def ill_conditioned(B: int, n: int, rank: int, device: str, g: torch.Generator) -> torch.Tensor:

@@ -232,7 +232,7 @@ def _residual_rows(device: str) -> list[dict[str, Any]]:
     import bitsandbytes.functional as F
 
     import corda_kernels as ck
-    from corda_kernels.nf4 import residual
+    from corda_kernels.ops.nf4 import residual
 
     rows = []
     g = torch.Generator(device=device).manual_seed(2)

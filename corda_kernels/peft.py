@@ -21,9 +21,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import cache
-from .calibration import CovarianceCollector, in_features, is_conv1d, linear_weight
-from .pipeline import check_ranks, decompose_layers
+from .engine import cache
+from .engine.calibration import CovarianceCollector
+from .engine.layers import in_features, linear_weight, target_modules
+from .engine.pipeline import check_ranks, decompose_layers
 
 _ACTIVE: list[CovarianceCollector] = []
 
@@ -33,18 +34,6 @@ def set_calibration_mask(mask: torch.Tensor | None) -> None:
     if not _ACTIVE:
         raise RuntimeError("set_calibration_mask is only meaningful inside preprocess_corda's run_model")
     _ACTIVE[-1].set_batch(mask)
-
-
-def target_modules(model: nn.Module, lora_config) -> dict[str, nn.Module]:  # noqa: ANN001
-    """The CorDA targets: modules matched by ``lora_config.target_modules`` that are ``nn.Linear`` or ``Conv1D``."""
-    from peft.tuners.lora.model import LoraModel
-
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if (isinstance(module, nn.Linear) or is_conv1d(module))
-        and LoraModel._check_target_module_exists(lora_config, name)
-    }
 
 
 def layer_ranks(lora_config, names: list[str]) -> dict[str, int]:  # noqa: ANN001

@@ -4,10 +4,10 @@ Run: ``PYTHONPATH=. python python/compare_adapters.py DIR_FAST DIR_EXACT [--json
 
 Each directory is a PEFT adapter (``adapter_model.safetensors`` + ``adapter_config.json``).
 For every layer present in both, the triplets are recovered from ``lora_A`` / ``lora_B``
-(:func:`corda_kernels.fast_cosvd.triplets_from_adapter`, scaling ``lora_alpha/r`` or
+(:func:`corda_kernels.ops.cosvd.triplets_from_adapter`, scaling ``lora_alpha/r`` or
 ``lora_alpha/√r`` with rsLoRA; ``alpha_pattern`` is not applied — it cancels in every relative
 number below as long as both directories used the same configuration) and compared with
-:func:`corda_kernels.fast_cosvd.compare_triplets`: the largest relative singular value error,
+:func:`corda_kernels.ops.cosvd.compare_triplets`: the largest relative singular value error,
 the smallest principal cosines of the ``U`` and ``V`` subspaces and the relative difference of
 ``s·B·A``. The energy criterion needs ``W`` and ``C_fix``: call ``compare_triplets(..., W=,
 C_fix=, which=)`` from Python for it.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from corda_kernels.fast_cosvd import compare_triplets, triplets_from_adapter  # noqa: E402
+from corda_kernels.ops.cosvd import compare_triplets, triplets_from_adapter  # noqa: E402
 
 
 def load_adapter(path: Path) -> tuple[dict, dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from corda_kernels import data
+from corda_kernels.engine import data
 
 
 def load_nf4_residual(model: torch.nn.Module, path: Path) -> None:

@@ -31,7 +31,7 @@ OUT = ROOT / "tests" / "data" / "cosvd_real.safetensors"
 
 def main() -> None:
     from corda_kernels import CovarianceCollector
-    from corda_kernels.data import load_model, load_text, token_blocks
+    from corda_kernels.engine.data import load_model, load_text, token_blocks
 
     torch.manual_seed(0)
     model, tok = load_model()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from corda_kernels.calibration import CovarianceCollector, NonFiniteActivationError
+from corda_kernels.engine.calibration import CovarianceCollector, NonFiniteActivationError
 from corda_kernels.peft import target_modules
 from tests.conftest import rel_err
 from tests.tiny_models import GPT2_TARGETS, LLAMA_TARGETS, pad, sequences, tiny_gpt2, tiny_llama

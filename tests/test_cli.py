@@ -12,11 +12,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from corda_kernels import data
-from corda_kernels.cache import CacheMismatchError
 from corda_kernels.cli import main
-from corda_kernels.damping import fix_covariance
-from corda_kernels.init_job import InitOptions, run_init
+from corda_kernels.cli.init import InitOptions, run_init
+from corda_kernels.engine import data
+from corda_kernels.engine.cache import CacheMismatchError
+from corda_kernels.ops.damping import fix_covariance
 from tests.conftest import rel_err
 from tests.tiny_models import VOCAB, tiny_llama
 
@@ -122,7 +122,7 @@ def test_cli_errors(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_bench_init_table_ratios() -> None:
     """The end-to-end table: speed-up against PEFT of the same mode, cost beyond each floor."""
-    from corda_kernels.bench_init import table
+    from corda_kernels.cli.bench import table
 
     def row(variant: str, mode: str, **stages: float) -> dict:
         return {"variant": variant, "mode": mode, "stages": stages, "peak_rss_mib": 1000.0}
@@ -143,10 +143,18 @@ def test_bench_init_table_ratios() -> None:
 
 def test_report_is_strict_json(tmp_path: Path) -> None:
     """An estimate without history (``inf``) or a NaN must not reach report.json as ``Infinity``/``NaN``."""
-    from corda_kernels.init_job import Report, write_report
+    from corda_kernels.cli.init import Report, write_report
 
     report = Report(options={})
     report.layers["l0"] = {"sv_change_est": math.inf, "bound": 1e-5, "rows": [1.0, -math.inf, math.nan]}
     text = write_report(report, tmp_path).read_text()
     saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert saved["layers"]["l0"] == {"sv_change_est": None, "bound": 1e-5, "rows": [1.0, None, None]}
+
+
+@pytest.mark.parametrize("command", ["init", "study", "bench"])
+def test_every_subcommand_is_registered(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert f"corda-kernels {command}" in capsys.readouterr().out

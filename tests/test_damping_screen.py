@@ -1,4 +1,4 @@
-"""The damping screen (:mod:`corda_kernels.damping`): the same damp, ``C_fix`` and ``C_inv`` as the
+"""The damping screen (:mod:`corda_kernels.ops.damping`): the same damp, ``C_fix`` and ``C_inv`` as the
 literal rule, with the literal check only where the probe estimate is near the threshold."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import corda_kernels as ck
-from corda_kernels.damping import (
+from corda_kernels.ops.damping import (
     SCREEN_MARGIN,
     _identity_residual,
     damp_covariance,
@@ -17,7 +17,7 @@ from corda_kernels.damping import (
     probe_residual,
     search_damp,
 )
-from corda_kernels.linalg import lu_factor_ex
+from corda_kernels.ops.linalg import lu_factor_ex
 
 
 def covariance(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The Triton damped-inverse support through the interpreter (CPU tensors, ``set_backend("triton")``).
 
 The triton backend must choose a damp the rule allows (the torch rule's, unless a residual lies
-within rounding of the threshold: :func:`~corda_kernels.damping.rule_allows`) and return the same
+within rounding of the threshold: :func:`~corda_kernels.ops.damping.rule_allows`) and return the same
 ``C_fix`` / ``C_inv`` for the same damp; its two kernels (fused diagonal shift, fused
 ‖A·B − I‖_F) are checked against float64 / torch references on fresh random inputs.
 """
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import corda_kernels as ck
-from corda_kernels.damping import DampingError, check_residual, diag_means, fix_covariance, rule_allows
 from corda_kernels.kernels.damping_triton import residual_norm, shifted_copy
+from corda_kernels.ops.damping import DampingError, check_residual, diag_means, fix_covariance, rule_allows
 
 from .conftest import rel_err
 

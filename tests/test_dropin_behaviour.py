@@ -16,10 +16,10 @@ from peft.tuners.lora.config import CordaConfig
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from corda_kernels.cache import CacheMismatchError
-from corda_kernels.calibration import linear_weight
-from corda_kernels.damping import damp_covariance
-from corda_kernels.fast_cosvd import principal_cosines
+from corda_kernels.engine.cache import CacheMismatchError
+from corda_kernels.engine.layers import linear_weight
+from corda_kernels.ops.cosvd import principal_cosines
+from corda_kernels.ops.damping import damp_covariance
 from corda_kernels.peft import preprocess_corda, target_modules
 from tests.conftest import rel_err
 from tests.tiny_models import LLAMA_TARGETS, sequences

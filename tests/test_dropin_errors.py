@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.config import CordaConfig
 
-from corda_kernels.cache import CacheMismatchError
-from corda_kernels.calibration import NonFiniteActivationError
+from corda_kernels.engine.cache import CacheMismatchError
+from corda_kernels.engine.calibration import NonFiniteActivationError
 from corda_kernels.peft import preprocess_corda
 from tests.conftest import rel_err
 from tests.tiny_models import LLAMA_TARGETS, sequences, tiny_llama

@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from corda_kernels.calibration import CovarianceCollector, linear_weight
-from corda_kernels.damping import damped_inverse
-from corda_kernels.dynamic import (
+from corda_kernels.engine.calibration import CovarianceCollector
+from corda_kernels.engine.dynamic import (
     LayerSpectrum,
     allocate_ranks,
     alpha_for,
@@ -22,7 +21,9 @@ from corda_kernels.dynamic import (
     selection_score,
     truncation_bound,
 )
-from corda_kernels.pipeline import decompose_layers
+from corda_kernels.engine.layers import linear_weight
+from corda_kernels.engine.pipeline import decompose_layers
+from corda_kernels.ops.damping import damped_inverse
 from tests.tiny_models import tiny_llama
 
 
@@ -231,7 +232,7 @@ def test_tiny_llama_dynamic_adapters_exact(method: str, tmp_path, gen: torch.Gen
     results = {r.name: r for r in decompose_plan(mods, plan, progress=False)}
     assert set(results) == set(plan.target_modules)
 
-    from corda_kernels.adapters import build_adapter
+    from corda_kernels.engine.adapters import build_adapter
 
     cfg = LoraConfig(init_lora_weights=False, **plan.lora_config_kwargs())
     peft_model = get_peft_model(model, cfg)
@@ -270,7 +271,7 @@ def test_tiny_llama_dynamic_adapters_exact(method: str, tmp_path, gen: torch.Gen
 def test_plan_for_init_matches_decompose_plan(gen: torch.Generator) -> None:
     from types import SimpleNamespace
 
-    from corda_kernels.dynamic import plan_for_init
+    from corda_kernels.engine.dynamic import plan_for_init
 
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     model = _tiny_llama(seed)

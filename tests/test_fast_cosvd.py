@@ -18,11 +18,11 @@ import pytest
 import torch
 
 import corda_kernels as ck
-from corda_kernels.adapters import build_adapter, lora_scaling
-from corda_kernels.decomposition import cosvd
-from corda_kernels.fast_cosvd import (
+from corda_kernels.engine.adapters import build_adapter, lora_scaling
+from corda_kernels.ops.cosvd import (
     bottom_r,
     compare_triplets,
+    cosvd,
     fast_cosvd,
     principal_cosines,
     top_r,
@@ -285,9 +285,9 @@ def test_krylov_basis_limit_hands_over_to_subspace_iteration(
     gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Krylov basis capped at 3 blocks cannot settle a flat spectrum; subspace iteration finishes it."""
-    from corda_kernels import fast_cosvd as fc
+    from corda_kernels.ops.cosvd import iteration
 
-    monkeypatch.setattr(fc, "_KRYLOV_MAX_BLOCKS", 3)
+    monkeypatch.setattr(iteration, "_KRYLOV_MAX_BLOCKS", 3)
     W, C = flat_case(384, 384, gen)
     C_fix = ck.damped_inverse(C)[0]
     U, S, V, infos = top_r(W[None], C_fix[None], 16, generator=gen)
@@ -337,8 +337,8 @@ def test_compare_triplets_is_sign_invariant_and_detects_errors(gen: torch.Genera
 @pytest.mark.parametrize("corda_method", ["ipm", "kpm"])
 def test_pipeline_fast_matches_exact(corda_method: str, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """decompose_layers on a tiny LLaMA: fast (batched over same-shaped layers) vs exact, per layer."""
-    import corda_kernels.decomposition as dec
-    from corda_kernels.pipeline import decompose_layers
+    import corda_kernels.ops.cosvd as dec
+    from corda_kernels.engine.pipeline import decompose_layers
 
     monkeypatch.setattr(dec, "FAST_MIN_K", 0)  # the tiny layers would otherwise take the (cheaper) exact SVD
 
@@ -381,7 +381,7 @@ def test_triplets_from_adapter_and_compare_script(tmp_path: Path, gen: torch.Gen
 
     from safetensors.torch import save_file
 
-    from corda_kernels.fast_cosvd import triplets_from_adapter
+    from corda_kernels.ops.cosvd import triplets_from_adapter
 
     W, C = outlier_case(96, 128, gen)
     C_fix = ck.damped_inverse(C)[0]
@@ -412,7 +412,7 @@ def test_triplets_from_adapter_and_compare_script(tmp_path: Path, gen: torch.Gen
 
 def test_heavy_head_top_continues_in_float64(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """σ_1/σ_r = 1e5: float32 iterations alone leave σ_r ~1e-3 off; the float64 continuation fixes it."""
-    from corda_kernels import fast_cosvd as fc
+    from corda_kernels.ops.cosvd import top as fc
 
     n, r = 384, 16
     Q1 = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
@@ -434,7 +434,7 @@ def test_heavy_head_top_continues_in_float64(gen: torch.Generator, monkeypatch: 
 def test_top_row_panel_products(kind: str, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """The top's float32 products in row-panel form ((Xᵀ·C)·Wᵀ, used above n = 4096) give the same
     triplets as the plain form, to float32 rounding, and meet every criterion."""
-    from corda_kernels import fast_cosvd as fc
+    from corda_kernels.ops.cosvd import top as fc
 
     W, C = real_case(kind)
     C_fix = ck.damped_inverse(C)[0]
@@ -452,7 +452,7 @@ def test_top_row_panel_products(kind: str, gen: torch.Generator, monkeypatch: py
 
 def test_float64_products_convert_by_blocks(gen: torch.Generator) -> None:
     """_mm64: a float32 operand converted a block of rows at a time, transposed views included."""
-    from corda_kernels.fast_cosvd import _MM64_ROWS, _mm64
+    from corda_kernels.ops.cosvd.products import _MM64_ROWS, _mm64
 
     p = 2 * _MM64_ROWS + 37  # two full blocks and a remainder
     Xt = torch.randn(2, 5, p, generator=gen, dtype=torch.float64)
@@ -468,7 +468,7 @@ def test_float64_products_convert_by_blocks(gen: torch.Generator) -> None:
 @pytest.mark.parametrize("m,n", [(37, 90), (90, 37)])
 def test_gram64_blocks_match_float64(m: int, n: int, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """``AᵀA`` from row panels and upper blocks (small panels, odd sizes) against the float64 product."""
-    import corda_kernels.fast_cosvd as fc
+    from corda_kernels.ops.cosvd import products as fc
 
     monkeypatch.setattr(fc, "_GRAM_PANEL", 8)
     W = torch.randn(2, m, n, generator=gen, dtype=torch.float64)
@@ -490,7 +490,7 @@ def test_gram_and_qr_factors_from_panels(
 ) -> None:
     """The Gram matrix (row panels, upper blocks) and the whole tall ``A`` (a wide layer's float32 C
     converted block by block, accumulated in place) at panel sizes that split every dimension."""
-    import corda_kernels.fast_cosvd as fc
+    from corda_kernels.ops.cosvd import products as fc
 
     monkeypatch.setattr(fc, "_GRAM_PANEL", 100)
     monkeypatch.setattr(fc, "_MM64_ROWS", 100)

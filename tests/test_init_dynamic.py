@@ -32,7 +32,7 @@ def test_init_dynamic_tiny(mode: str, tmp_path: Path, gen: torch.Generator) -> N
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from corda_kernels.init_job import InitOptions, run_init
+    from corda_kernels.cli.init import InitOptions, run_init
 
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     model_dir = _tiny_model_dir(tmp_path, seed)

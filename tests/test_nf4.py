@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import corda_kernels as ck
-from corda_kernels.nf4 import NF4_LEVELS, VALID_BLOCKSIZES, dynamic_map, nf4_bounds
+from corda_kernels.ops import nf4 as nf4_ops
+from corda_kernels.ops.nf4 import NF4_LEVELS, VALID_BLOCKSIZES, dynamic_map, nf4_bounds
 from tests.conftest import rel_err
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -86,7 +87,7 @@ def _bnb_dequant_ok(shape: tuple[int, ...], blocksize: int) -> bool:
 
 def test_dynamic_map_matches_bitsandbytes() -> None:
     assert torch.equal(dynamic_map(), F.create_dynamic_map())
-    assert torch.equal(ck.nf4.nf4_code(), F.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(nf4_ops.nf4_code(), F.get_4bit_type("nf4", device="cpu"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -344,19 +345,19 @@ def test_residual_torch_path(gen: torch.Generator, dtype: torch.dtype) -> None:
     R = W.double() - s * B.double() @ A.double()
     R_cast = R.to(dtype)
     ref_p, ref_s = F.quantize_4bit(
-        ck.nf4.residual(W, B, A, s), blocksize=64, quant_type="nf4", compress_statistics=True
+        nf4_ops.residual(W, B, A, s), blocksize=64, quant_type="nf4", compress_statistics=True
     )
     assert torch.equal(packed, ref_p)
     _assert_same_state(state, ref_s)
     # the fp32 residual agrees with float64 to rounding (before the cast to W's dtype)
-    assert rel_err(ck.nf4.residual(W.float(), B, A, s), R) < 1e-6
+    assert rel_err(nf4_ops.residual(W.float(), B, A, s), R) < 1e-6
     assert rel_err(ck.nf4_dequantize(packed, state), R_cast) < 0.2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_residual_matches_adapter_residual(gen: torch.Generator, dtype: torch.dtype) -> None:
     """QCorDA: NF4 of the fused residual = NF4 of ``build_adapter``'s ``W_res``, byte for byte."""
-    from corda_kernels.adapters import build_adapter
+    from corda_kernels.engine.adapters import build_adapter
 
     m, n, r = 40, 72, 6
     W = _rand(gen, (m, n), dtype)

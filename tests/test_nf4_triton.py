@@ -18,7 +18,7 @@ import torch
 import corda_kernels as ck
 from corda_kernels import backend
 from corda_kernels.kernels import nf4_triton
-from corda_kernels.nf4 import VALID_BLOCKSIZES, residual
+from corda_kernels.ops.nf4 import VALID_BLOCKSIZES, residual
 from tests.conftest import rel_err
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import corda_kernels as ck
-from corda_kernels.damping import DampingError
+from corda_kernels.ops.damping import DampingError
 from tests.conftest import rel_err
 
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -42,7 +42,7 @@ def test_covariance_upper_only_and_noncontiguous(gen: torch.Generator) -> None:
     ref = ref_cov(x)
     upper = torch.triu(torch.ones(1100, 1100, dtype=torch.bool))
     assert rel_err(C[upper], ref[upper]) < 1e-6
-    from corda_kernels.covariance import symmetrize_
+    from corda_kernels.ops.covariance import symmetrize_
 
     assert rel_err(symmetrize_(C), ref) < 1e-6
 
@@ -189,7 +189,7 @@ def test_fake_kernels_shapes() -> None:
 
 def test_batched_lu_helpers_after_set_num_threads(gen: torch.Generator) -> None:
     """torch 2.13 + MKL: batched LU breaks once set_num_threads ran; our helpers must not."""
-    from corda_kernels import linalg
+    from corda_kernels.ops import linalg
 
     before = torch.get_num_threads()
     torch.set_num_threads(before)  # the call itself is the trigger, whatever the count

@@ -22,10 +22,10 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda as peft_preprocess
 
-from corda_kernels import cache
-from corda_kernels.adapters import build_adapter
-from corda_kernels.calibration import in_features, linear_weight
-from corda_kernels.fast_cosvd import BOTTOM_TOL, TOP_TOL, principal_cosines
+from corda_kernels.engine import cache
+from corda_kernels.engine.adapters import build_adapter
+from corda_kernels.engine.layers import in_features, linear_weight
+from corda_kernels.ops.cosvd import BOTTOM_TOL, TOP_TOL, principal_cosines
 from corda_kernels.peft import preprocess_corda, set_calibration_mask, target_modules
 from tests.conftest import rel_err
 from tests.tiny_models import GPT2_TARGETS, LLAMA_TARGETS, pad, sequences, tiny_gpt2, tiny_llama

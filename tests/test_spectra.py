@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from corda_kernels.spectra import candidate_spectrum, compactness, eig_extremes, singular_values
+from corda_kernels.ops.spectra import candidate_spectrum, compactness, eig_extremes, singular_values
 
 
 def _orth(n: int, gen: torch.Generator) -> torch.Tensor:

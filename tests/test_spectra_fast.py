@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from corda_kernels.damping import damped_inverse
-from corda_kernels.spectra import eig_extremes_fast
+from corda_kernels.ops.damping import damped_inverse
+from corda_kernels.ops.spectra import eig_extremes_fast
 
 from .conftest import rel_err
 

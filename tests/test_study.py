@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from corda_kernels import cosvd
-from corda_kernels.study import (
+from corda_kernels.cli.study import (
     METHODS,
     factor,
     markdown_table,
@@ -39,7 +39,7 @@ def test_factor_reconstructs_and_matches_cosvd(gen: torch.Generator) -> None:
     W = torch.randn(24, 40, generator=gen)
     X = torch.randn(200, 40, generator=gen) * torch.linspace(0.05, 3, 40)
     C = X.T @ X / 200
-    from corda_kernels.damping import damped_inverse
+    from corda_kernels.ops.damping import damped_inverse
 
     C_fix = damped_inverse(C)[0]
     d = X.abs().mean(0) ** 0.5 + 1e-6

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..backend import register_impl, triton_interpreted
-from ..damping import diag_means, search_damp
+from ..ops.damping import diag_means, search_damp
 from .covariance_triton import _on_device
 
 
@@ -180,7 +180,7 @@ def _damped_inverse_triton(
     """
     if C.dtype != torch.float32:
         # The kernels are float32; other precisions keep the torch path's arithmetic.
-        from ..damping import _damped_inverse_torch
+        from ..ops.damping import _damped_inverse_torch
 
         return _damped_inverse_torch(C, damp, threshold, max_steps, probes, inverse)
     # The same reduction as fix_covariance's (diagonal of each matrix, mean in fp32).

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import nf4 as _nf4
 from ..backend import register_impl, triton_interpreted
+from ..ops import nf4 as _nf4
 
 # ------------------------------------------------------------------------------------------
 # device helpers

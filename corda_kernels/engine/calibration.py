@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .covariance import covariance_update, symmetrize_
+from ..ops.covariance import covariance_update, symmetrize_
+from .layers import in_features
 
 NORMALIZATIONS = ("peft", "mean")
 BUFFER_ROWS = 512  # rows per accumulator buffer: one GEMM per 512 buffered tokens
@@ -148,20 +149,6 @@ def _update(C: torch.Tensor, x3, mask, scale, bucket) -> None:  # noqa: ANN001
         covariance_update(C[0], x3, mask=mask, seq_scale=scale, upper_only=True)
     else:
         covariance_update(C, x3, mask=mask, seq_scale=scale, seq_bucket=bucket, upper_only=True)
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The ``(out, in)`` weight of an ``nn.Linear`` or a transformers ``Conv1D`` (a view)."""
-    w = module.weight
-    return w.T if is_conv1d(module) else w
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def in_features(module: nn.Module) -> int:
-    return linear_weight(module).shape[1]
 
 
 class CovarianceCollector:

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import linear_weight
-from .damping import DampingError, damp_covariance
-from .decomposition import cosvd
-from .spectra import eig_extremes_fast
+from ..ops.cosvd import cosvd
+from ..ops.damping import DampingError, damp_covariance
+from ..ops.spectra import eig_extremes_fast
+from .layers import linear_weight
 
 CORDA_METHODS = ("ipm", "kpm")
 _DAMP_BATCH = 8  # covariances damped together (bounded memory: 2 extra n×n per matrix)

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import cache, data
-from .adapters import build_adapter, lora_scaling
-from .calibration import CovarianceCollector, in_features, linear_weight
-from .peft import target_modules
-from .pipeline import check_ranks, decompose_layers
-from .spectra import compactness
+from ..engine import cache, data
+from ..engine.adapters import build_adapter, lora_scaling
+from ..engine.calibration import CovarianceCollector
+from ..engine.layers import in_features, linear_weight, target_modules
+from ..engine.pipeline import check_ranks, decompose_layers
+from ..ops.spectra import compactness
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -212,7 +212,7 @@ def run_init(opts: InitOptions) -> Report:
 
 def plan_dynamic(model, targets, covs, cands, opts, report):  # noqa: ANN001, ANN201
     """CorDA++: per-layer covariance selection and rank allocation (see corda_kernels.dynamic)."""
-    from .dynamic import plan_for_init  # noqa: PLC0415
+    from ..engine.dynamic import plan_for_init  # noqa: PLC0415
 
     return plan_for_init(model, targets, covs, cands, opts, report)
 
@@ -317,7 +317,7 @@ def save_nf4_residual(targets: dict[str, nn.Module], path: Path) -> Path:
     """QCorDA: every target's residual in bitsandbytes NF4 (packed bytes + QuantState) as safetensors."""
     from safetensors.torch import save_file
 
-    from .nf4 import nf4_quantize  # noqa: PLC0415
+    from ..ops.nf4 import nf4_quantize  # noqa: PLC0415
 
     tensors: dict[str, torch.Tensor] = {}
     for name, module in targets.items():

@@ -38,7 +38,7 @@ def _worker(
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.config import CordaConfig
 
-    from corda_kernels import data
+    from corda_kernels.engine import data
 
     model, tok = data.load_model()
     ids = data.token_blocks(tok, data.load_text("lee"), samples, seq_len)
@@ -51,7 +51,7 @@ def _worker(
     )
     stages: dict[str, float] = {}
 
-    from corda_kernels.init_job import calibration_runner, target_modules
+    from corda_kernels.cli.init import calibration_runner, target_modules
 
     # the backbone alone reaches every target (the LM head is not one): what `corda-kernels init` runs
     runner = calibration_runner(model, target_modules(model, cfg)) if variant.endswith("backbone") else model
@@ -119,7 +119,7 @@ def adapter_agreement(test_path: str, ref_path: str, scaling: float = 1.0) -> di
 
     import torch
 
-    from corda_kernels.fast_cosvd import compare_triplets, triplets_from_adapter
+    from corda_kernels.ops.cosvd import compare_triplets, triplets_from_adapter
 
     test, ref = torch.load(test_path), torch.load(ref_path)
     rows = [

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from .backend import define_op, register_impl
+from ..backend import define_op, register_impl
 from .linalg import inv_ex, lu_factor_ex, lu_solve
 
 DEFAULT_DAMP = 0.01

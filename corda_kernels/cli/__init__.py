@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 
-from .init_job import DEFAULT_TARGETS, InitOptions, run_init
+from .init import DEFAULT_TARGETS, InitOptions, run_init
 
 # Subcommands registered by other modules: name -> (add_arguments, run)
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -83,7 +83,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from .bench_init import main as bench_main  # noqa: PLC0415
+    from .bench import main as bench_main  # noqa: PLC0415
 
     return bench_main(args.rest)
 
@@ -111,14 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load_plugins() -> None:
     """Subcommands living in their own modules register themselves in SUBCOMMANDS on import."""
-    import importlib  # noqa: PLC0415
-
-    for mod in ("study",):
-        try:
-            importlib.import_module(f"corda_kernels.{mod}")
-        except ModuleNotFoundError as err:
-            if err.name != f"corda_kernels.{mod}":
-                raise
+    from . import study  # noqa: F401, PLC0415
 
 
 if __name__ == "__main__":

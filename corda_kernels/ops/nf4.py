@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from .backend import define_op, register_impl
+from ..backend import define_op, register_impl
 
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256

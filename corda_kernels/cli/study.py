@@ -39,11 +39,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import CovarianceCollector, linear_weight
-from .damping import damp_covariance
-from .decomposition import cosvd_float64
-from .dynamic import LayerSpectrum, discard_pattern, plan_dynamic
-from .spectra import compactness, eig_extremes
+from ..engine.calibration import CovarianceCollector
+from ..engine.dynamic import LayerSpectrum, discard_pattern, plan_dynamic
+from ..engine.layers import linear_weight
+from ..ops.cosvd import cosvd_float64
+from ..ops.damping import damp_covariance
+from ..ops.spectra import compactness, eig_extremes
 
 METHODS = ("plain-svd", "asvd", "co-svd", "co-svd+", "co-svd++")
 DEFAULT_DISCARDS = (0, 16, 32, 64, 128)
@@ -528,7 +529,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> StudyResult:
     """Load the model and texts, run the study, write the outputs; print rows (``--json``) or the table."""
-    from .data import load_model, load_text
+    from ..engine.data import load_model, load_text
 
     progress = not args.no_progress
     if args.threads:
@@ -576,13 +577,9 @@ def _run_subcommand(args: argparse.Namespace) -> int:
 
 
 def _register() -> None:
-    """Register ``corda-kernels study`` with the CLI (which imports this module for its plugins)."""
-    try:
-        from .cli import SUBCOMMANDS
-    except ModuleNotFoundError as err:  # a tree without the CLI: python -m corda_kernels.study still works
-        if err.name != "corda_kernels.cli":
-            raise
-        return
+    """Register ``corda-kernels study`` with the CLI (which imports this module for its subcommands)."""
+    from . import SUBCOMMANDS
+
     SUBCOMMANDS["study"] = (add_arguments, _run_subcommand)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import define_op, register_impl
+from ..backend import define_op, register_impl
 
 # Column blocks for the triangle: computing the upper block-triangle of an nb×nb grid costs
 # (nb+1)/(2nb) of the full product. Measured on 2048-token batches (2 cores): 576 features in 3

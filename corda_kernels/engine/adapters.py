@@ -73,7 +73,7 @@ class CordaLinear(nn.Module):
         cls, linear: nn.Module, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, scaling: float
     ) -> CordaLinear:
         """Build from an ``nn.Linear`` (or transformers ``Conv1D``) and its cropped CO-SVD triplets."""
-        from .calibration import linear_weight
+        from .layers import linear_weight
 
         W = linear_weight(linear).detach()
         A, B, W_res = build_adapter(W, U, S, V, scaling)

@@ -50,11 +50,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import CovarianceCollector, linear_weight
-from .damping import DampingError, damp_covariance
-from .decomposition import cosvd
+from ..ops.cosvd import cosvd
+from ..ops.damping import DampingError, damp_covariance
+from ..ops.spectra import candidate_spectrum, compactness, eig_extremes_fast
+from .calibration import CovarianceCollector
+from .layers import linear_weight
 from .pipeline import LayerResult, group_shared, which_for
-from .spectra import candidate_spectrum, compactness, eig_extremes_fast
 
 
 # --------------------------------------------------------------------------------------------
