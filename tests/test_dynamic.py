@@ -268,10 +268,8 @@ def test_tiny_llama_dynamic_adapters_exact(method: str, tmp_path, gen: torch.Gen
     assert float((again - ref_logits).norm() / ref_logits.norm()) < 1e-5
 
 
-def test_plan_for_init_matches_decompose_plan(gen: torch.Generator) -> None:
-    from types import SimpleNamespace
-
-    from corda_kernels.engine.dynamic import plan_for_init
+def test_plan_stage_matches_decompose_plan(gen: torch.Generator) -> None:
+    from corda_kernels.engine import stages
 
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     model = _tiny_llama(seed)
@@ -285,13 +283,14 @@ def test_plan_for_init_matches_decompose_plan(gen: torch.Generator) -> None:
     cands = {}
     for acc in col.accumulators():
         cands.update(dict.fromkeys(acc.members, col.candidates(acc.members[0])))
-    opts = SimpleNamespace(rank=3, lora_alpha=lambda: 6.0, mode="kpm", rslora=False, progress=False)
-    report = SimpleNamespace(extra={})
-    chosen, ranks, alphas = plan_for_init(model, mods, covs, cands, opts, report)
+    got = stages.plan(
+        mods, stages.Covariances(covs, cands), rank=3, alpha=6.0, mode="kpm", dynamic=True, progress=False
+    )
+    chosen, ranks, alphas = got.covariances, got.ranks, got.alphas
     plan = plan_dynamic(mods, col, 3, 6.0, "kpm", progress=False)
     assert ranks == plan.ranks and set(chosen) == set(mods)
     assert all(alphas[n] == pytest.approx(6.0 * ranks[n] / 3) for n in mods if ranks[n] > 0)
-    extra = report.extra["corda++"]
+    extra = got.report
     assert extra["rounds"] == 3 and len(extra["layers"]) == len(mods)
     assert 0 <= extra["used_params"] - extra["budget_params"] < max(sum(m.weight.shape) for m in mods.values())
     # shared inputs that chose the same candidate share one tensor (damped once downstream)

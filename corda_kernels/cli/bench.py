@@ -51,7 +51,8 @@ def _worker(
     )
     stages: dict[str, float] = {}
 
-    from corda_kernels.cli.init import calibration_runner, target_modules
+    from corda_kernels.engine.layers import target_modules
+    from corda_kernels.engine.stages import calibration_runner
 
     # the backbone alone reaches every target (the LM head is not one): what `corda-kernels init` runs
     runner = calibration_runner(model, target_modules(model, cfg)) if variant.endswith("backbone") else model

@@ -10,6 +10,7 @@ the original's).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,14 +23,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..engine import cache, data
-from ..engine.adapters import build_adapter, lora_scaling
-from ..engine.calibration import CovarianceCollector
+from ..engine import cache, data, stages
+from ..engine.adapters import lora_scaling
 from ..engine.layers import in_features, linear_weight, target_modules
-from ..engine.pipeline import check_ranks, decompose_layers
-from ..ops.spectra import compactness
+from ..engine.pipeline import check_ranks
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -109,30 +107,6 @@ def lora_config(
     )
 
 
-def calibration_runner(model: nn.Module, targets: dict[str, nn.Module]):  # noqa: ANN201
-    """The cheapest forward that reaches every target: the backbone alone when no target is outside it."""
-    base = getattr(model, "base_model", model)
-    if base is not model:
-        inside = {id(m) for m in base.modules()}
-        if all(id(m) in inside for m in targets.values()):
-            return base
-    return model
-
-
-def calibrate(
-    model: nn.Module, targets: dict[str, nn.Module], ids: torch.Tensor, opts: InitOptions, rounds: int = 1
-) -> CovarianceCollector:
-    """Run the calibration batches through ``model`` with the covariance hooks attached."""
-    collector = CovarianceCollector(targets, normalization=opts.normalization, rounds=rounds)
-    runner = calibration_runner(model, targets)
-    batches = list(torch.split(ids, opts.batch_size))
-    with collector.attached(), torch.no_grad():  # accumulators must stay normal tensors
-        for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not opts.progress):
-            collector.set_batch(torch.ones(batch.shape, dtype=torch.bool))
-            runner(input_ids=batch, use_cache=False)
-    return collector
-
-
 def covariance_meta(opts: InitOptions, targets: dict[str, nn.Module], rounds: int) -> dict[str, Any]:
     return {
         "model": opts.model,
@@ -152,14 +126,17 @@ def load_or_calibrate(model, targets, ids, opts: InitOptions, out: Path, rounds:
     if cache.exists(path):
         stored = cache.load_checked(path, "covariance", meta)
         return stored["covariances"], stored["candidates"]
-    collector = calibrate(model, targets, ids, opts, rounds)
-    covs = collector.covariances()
-    cands: dict[str, torch.Tensor] = {}
-    if rounds > 1:
-        for acc in collector.accumulators():
-            cands.update(dict.fromkeys(acc.members, collector.candidates(acc.members[0])))
-    cache.save_atomic(path, "covariance", meta, {"covariances": covs, "candidates": cands})
-    return covs, cands
+    got = stages.collect(
+        model,
+        targets,
+        ids,
+        normalization=opts.normalization,
+        rounds=rounds,
+        batch_size=opts.batch_size,
+        progress=opts.progress,
+    )
+    cache.save_atomic(path, "covariance", meta, {"covariances": got.covariances, "candidates": got.candidates})
+    return got.covariances, got.candidates
 
 
 def run_init(opts: InitOptions) -> Report:
@@ -186,11 +163,20 @@ def run_init(opts: InitOptions) -> Report:
     with stage(report, "calibrate"):
         covs, cands = load_or_calibrate(model, targets, ids, opts, out, rounds)
 
-    ranks = dict.fromkeys(targets, opts.rank)
-    alphas = dict.fromkeys(targets, opts.lora_alpha())
+    with stage(report, "corda++") if opts.dynamic else contextlib.nullcontext():
+        chosen = stages.plan(
+            targets,
+            stages.Covariances(covs, cands),
+            rank=opts.rank,
+            alpha=opts.lora_alpha(),
+            mode=opts.mode,
+            dynamic=opts.dynamic,
+            rslora=opts.rslora,
+            progress=opts.progress,
+        )
+    covs, ranks, alphas = chosen.covariances, chosen.ranks, chosen.alphas
     if opts.dynamic:
-        with stage(report, "corda++"):
-            covs, ranks, alphas = plan_dynamic(model, targets, covs, cands, opts, report)
+        report.extra["corda++"] = chosen.report
     targets = {name: m for name, m in targets.items() if ranks[name] > 0}
     check_ranks(targets, ranks)
 
@@ -208,13 +194,6 @@ def run_init(opts: InitOptions) -> Report:
     write_report(report, out)
     (out / ".partial.pt").unlink(missing_ok=True)
     return report
-
-
-def plan_dynamic(model, targets, covs, cands, opts, report):  # noqa: ANN001, ANN201
-    """CorDA++: per-layer covariance selection and rank allocation (see corda_kernels.dynamic)."""
-    from ..engine.dynamic import plan_for_init  # noqa: PLC0415
-
-    return plan_for_init(model, targets, covs, cands, opts, report)
 
 
 def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: Path, report: Report):  # noqa: ANN001, ANN201
@@ -237,27 +216,19 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, item in done.items():
         W = linear_weight(targets[name])
-        _set_residual(targets[name], (W.float() - item["scaling"] * (item["B"] @ item["A"])).to(W.dtype))
+        stages.set_residual(targets[name], (W.float() - item["scaling"] * (item["B"] @ item["A"])).to(W.dtype))
         adapters[name] = (item["A"], item["B"])
         report.layers[name] = item["info"]
     todo = {name: m for name, m in targets.items() if name not in done}
     last_save = time.perf_counter()
-    layers = decompose_layers(
-        todo, covs, ranks, opts.mode, method=opts.method, progress=opts.progress, extremes=True,
-        screen=opts.damping_screen,
-    )  # fmt: skip
+    layers = stages.decompose(
+        todo, covs, ranks, opts.mode, method=opts.method, screen=opts.damping_screen, progress=opts.progress
+    )
     for res in layers:
-        module = targets[res.name]
         s = lora_scaling(alphas[res.name], ranks[res.name], opts.rslora)
-        A, B, W_res = build_adapter(linear_weight(module).detach(), res.U, res.S, res.V, s)
-        _set_residual(module, W_res)
+        A, B, row = stages.build(targets[res.name], res, s, opts.mode)
         adapters[res.name] = (A, B)
-        report.layers[res.name] = {
-            **res.info,
-            "alpha": alphas[res.name],
-            "scaling": s,
-            **_compactness(res, opts.mode),
-        }
+        report.layers[res.name] = {**row, "alpha": alphas[res.name]}
         done[res.name] = {"A": A, "B": B, "scaling": s, "info": report.layers[res.name]}
         if time.perf_counter() - last_save > 20:
             cache.save_atomic(partial, "partial-adapters", meta, done)
@@ -265,71 +236,19 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
     return adapters
 
 
-def _compactness(res, mode: str) -> dict[str, float]:  # noqa: ANN001
-    """π(C_fix) (DESIGN §3.5) and, for KPM, the truncation bound σ_(r)·π of the frozen bottom r.
-
-    λ_min/λ_max come from the pipeline (Lanczos on the damped covariance and Cholesky solves with it, once
-    per distinct covariance). For IPM the bottom spectrum of ``W·C_fix`` is not computed by
-    the decomposition; ``--dynamic`` reports it.
-    """
-    lo, hi = res.info["lambda_min"], res.info["lambda_max"]
-    out = {"compactness": compactness(lo, hi, res.U.shape[0])}
-    if mode == "kpm":  # the adapters are the bottom r: σ_(r) is the largest of them
-        out["truncation_bound"] = float(res.S.max()) * out["compactness"]
-    return out
-
-
-def _set_residual(module: nn.Module, W_res: torch.Tensor) -> None:
-    linear_weight(module).data.copy_(W_res)  # a view: Conv1D's (in, out) storage is written transposed
-
-
 def export(model, tokenizer, targets, adapters, ranks, alphas, opts: InitOptions, out: Path, report: Report):  # noqa: ANN001, ANN201
-    """Residual model + PEFT adapter directory; returns the PEFT model (for verification)."""
-    from peft import get_peft_model
-
-    residual_dir, adapter_dir = out / "residual", out / "adapter"
-    model.save_pretrained(residual_dir)
-    tokenizer.save_pretrained(residual_dir)
+    """Residual model, PEFT adapter directory (and NF4 residuals); returns the PEFT model (for verification)."""
     if opts.quantize == "nf4":
-        report.outputs["residual_nf4"] = str(save_nf4_residual(targets, out / "residual_nf4.safetensors"))
+        report.outputs["residual_nf4"] = str(stages.save_nf4_residual(targets, out / "residual_nf4.safetensors"))
     rank_pattern = {name: r for name, r in ranks.items() if name in targets and r != opts.rank}
     alpha_pattern = {name: a for name, a in alphas.items() if name in targets and a != opts.lora_alpha()}
     # Exact module names as targets: layers that CorDA++ left at rank 0 get no adapter.
     cfg = lora_config(
         opts, corda=False, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, targets=sorted(targets)
     )
-    # get_peft_model names the model's own name_or_path as the adapter's base model: the residual
-    # directory, which is what the adapter must be loaded onto
-    model.name_or_path = str(residual_dir.resolve())
-    peft_model = get_peft_model(model, cfg)
-    layers = dict(peft_model.named_modules())
-    with torch.no_grad():
-        for name, (A, B) in adapters.items():
-            layer = layers[f"base_model.model.{name}"]
-            layer.lora_A["default"].weight.copy_(A)
-            layer.lora_B["default"].weight.copy_(B)
-    peft_model.save_pretrained(adapter_dir)
-    report.outputs.update({"residual": str(residual_dir), "adapter": str(adapter_dir)})
+    peft_model = stages.export(model, tokenizer, adapters, cfg, out)
+    report.outputs.update({"residual": str(out / "residual"), "adapter": str(out / "adapter")})
     return peft_model
-
-
-def save_nf4_residual(targets: dict[str, nn.Module], path: Path) -> Path:
-    """QCorDA: every target's residual in bitsandbytes NF4 (packed bytes + QuantState) as safetensors."""
-    from safetensors.torch import save_file
-
-    from ..ops.nf4 import nf4_quantize  # noqa: PLC0415
-
-    tensors: dict[str, torch.Tensor] = {}
-    for name, module in targets.items():
-        W_res = linear_weight(module).detach().contiguous()  # (out, in), as Linear4bit stores it
-        packed, state = nf4_quantize(W_res, blocksize=64, compress_statistics=False)
-        tensors[f"{name}.weight"] = packed
-        for key, value in state.as_dict(packed=True).items():
-            tensors[f"{name}.weight.{key}"] = value
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-    return path
 
 
 def _json_safe(value: Any) -> Any:
