@@ -128,7 +128,7 @@ def preprocess_corda(
     exact SVD where a layer cannot be certified; ``exact``: a full float64 SVD per layer, the
     reference), ``share_inputs`` (one covariance per distinct input tensor), ``damping_screen``
     (``False``: the literal damping check at every step; the damp is the same,
-    :mod:`corda_kernels.damping`). ``CordaConfig``'s fields are honoured: ``cache_file`` and
+    :mod:`corda_kernels.ops.damping`). ``CordaConfig``'s fields are honoured: ``cache_file`` and
     ``covariance_file`` (our own format, which records and checks the settings),
     ``corda_method``, ``verbose`` (progress bars), ``prune_temporary_fields`` (``False`` leaves
     ``sample_count``, ``covariance_matrix``, ``corda_method`` and ``rank`` on each target, as

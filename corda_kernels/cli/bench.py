@@ -160,7 +160,7 @@ def _run(variant: str, mode: str, args: argparse.Namespace, adapters: str | None
     cmd = [
         sys.executable,
         "-m",
-        "corda_kernels.bench_init",
+        __spec__.name,  # this module, however it was started (it moves with the package's layout)
         "--worker",
         variant,
         "--mode",

@@ -5,7 +5,7 @@
   the r-th singular value of ``W·C_fix`` from the end (:func:`truncation_bound`).
 * **Selection**: each layer scores its K candidate covariances (one per calibration round)
   ``log π(C_i) · Σ_j σ_j(W·C_i) / σ_max(W·C_i)`` and takes the lowest. Only values are needed
-  (:mod:`corda_kernels.spectra`): no SVD with vectors per candidate.
+  (:mod:`corda_kernels.ops.spectra`): no SVD with vectors per candidate.
 * **Allocation** (progressive filtering): every layer starts with its ``k_l`` components;
   the candidate for filtering in layer ``l`` is its last remaining component ``j = k_l − p_l``
   with score ``a_l = log π_l · σ_{l,j} / Σ_{i<j} σ_{l,i}``; a heap filters one component at
@@ -206,7 +206,7 @@ class DynamicPlan:
         """The chosen covariance (before damping) of layer ``name``, ``(n, n)`` float32.
 
         Layers that chose the same candidate of the same input get the same tensor object, so
-        :func:`corda_kernels.pipeline.decompose_layers` damps it once.
+        :func:`corda_kernels.engine.pipeline.decompose_layers` damps it once.
         """
         return self._cov[self._key[name]]
 

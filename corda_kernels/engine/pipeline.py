@@ -77,9 +77,9 @@ def decompose_layers(
     ``info["method"]`` is the method actually used (``fast-ipm``, ``fast-kpm-lu``, ``fast-kpm-gram``,
     ``fast-kpm-qr``, ``exact-fallback`` or ``exact``), ``info["accuracy"]`` its estimates.
     With ``extremes``, ``info`` also gets ``lambda_min`` / ``lambda_max`` of the damped covariance
-    (Lanczos, :func:`~corda_kernels.spectra.eig_extremes_fast`) and their ``lambda_rel_bound``.
+    (Lanczos, :func:`~corda_kernels.ops.spectra.eig_extremes_fast`) and their ``lambda_rel_bound``.
     ``info["damp_check"]`` says whether the damp was accepted by the screen or by the literal
-    check (:mod:`corda_kernels.damping`); ``screen=False`` runs the literal rule for every layer.
+    check (:mod:`corda_kernels.ops.damping`); ``screen=False`` runs the literal rule for every layer.
     """
     which = which_for(corda_method)
     check_ranks(modules, ranks)

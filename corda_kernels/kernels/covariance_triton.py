@@ -1,6 +1,6 @@
 """Triton streaming covariance ``C += Σ_t w_t x_t x_tᵀ`` (the ``triton`` backend of ``covariance_update``).
 
-Inputs (the op's schema, see :mod:`corda_kernels.covariance`):
+Inputs (the op's schema, see :mod:`corda_kernels.ops.covariance`):
 
 - ``C``: ``(n, n)`` or ``(K, n, n)`` float32, any strides; updated in place.
 - ``x``: ``(B, L, n)`` bf16 / fp16 / fp32, any strides. Read as it comes: no fp32 copy of X is

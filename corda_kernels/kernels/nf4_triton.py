@@ -1,6 +1,6 @@
 """Triton NF4 kernels: quantize-and-pack, dequantize, the 8-bit nested statistics, fused residual → NF4.
 
-All kernels reproduce bitsandbytes' bytes (see :mod:`corda_kernels.nf4` for the two arithmetic
+All kernels reproduce bitsandbytes' bytes (see :mod:`corda_kernels.ops.nf4` for the two arithmetic
 flavours): ``BNB_CUDA`` selects CUDA arithmetic (reciprocal everywhere, raw absmax) over CPU
 arithmetic (partial last block divided, absmax clamped at 1e-38), and ``APPROX_RCP`` uses
 ``rcp.approx.ftz.f32`` for ``1/absmax`` as bitsandbytes' fast-math CUDA build does (GPU only:

@@ -323,7 +323,7 @@ def _blockwise8_dequantize_torch(codes: torch.Tensor, absmax: torch.Tensor, bloc
 def residual(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scaling: float) -> torch.Tensor:
     """``(W − scaling·B·A)`` computed in fp32 and returned in ``W``'s dtype (DESIGN §3.4).
 
-    The same expression as :func:`corda_kernels.adapters.build_adapter`'s ``W_res``
+    The same expression as :func:`corda_kernels.engine.adapters.build_adapter`'s ``W_res``
     (``(W.float() − s·(B @ A)).to(W.dtype)``), so quantizing either gives the same bytes.
     """
     return (W.float() - scaling * (B.float() @ A.float())).to(W.dtype)

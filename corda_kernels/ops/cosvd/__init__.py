@@ -124,7 +124,7 @@ def cosvd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CO-SVD of ``W`` ``(m, n)`` under covariance ``C`` ``(n, n)``; batches ``(B, m, n)`` too.
 
-    ``C`` is damped by the CorDA rule (:func:`~corda_kernels.damping.damp_covariance`) unless ``C_fix`` is given.
+    ``C`` is damped by the CorDA rule (:func:`~corda_kernels.ops.damping.damp_covariance`) unless ``C_fix`` is given.
     Returns ``(U, S, V)``: ``U`` ``(m, r)``, ``S`` ``(r,)`` descending, ``V`` ``(n, r)`` float32,
     the ``rank`` largest (``which="top"``), smallest (``"bottom"``) or all ``k`` triplets.
     ``method="fast"`` (default) takes the fast paths (:func:`fast_cosvd`) for ``top``/``bottom`` where
