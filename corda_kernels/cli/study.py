@@ -1,4 +1,4 @@
-"""The truncation study (DESIGN §7; the paper's Fig. 3, Fig. 4 and Table X on the embedded model).
+"""The truncation study (the paper's Fig. 3, Fig. 4 and Table X on the embedded model).
 
 Calibrate on the first half of a text, discard the bottom components of every target layer
 (``W`` is replaced by its truncation), and measure perplexity on held-out text. Methods:
@@ -22,6 +22,10 @@ Rows (``--json``): ``{method, calib, eval, discard, param_ratio, ppl}``; ``co-sv
 ``co-svd++`` rows carry the uniform ``discard`` whose parameter budget they match. At
 ``discard = 0`` every method is the unmodified model: it is evaluated once and reported for
 every method. Cross-domain rows use ``calib = "pydoc"`` (co-svd only).
+
+Why one file of ~600 lines: it is one front end (a command with its options, its experiment,
+its JSON and its plots); the engine pieces it runs (calibration, CorDA++ planning, spectra)
+live in :mod:`corda_kernels.engine` and :mod:`corda_kernels.ops`.
 """
 
 from __future__ import annotations
