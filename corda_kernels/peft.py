@@ -70,6 +70,9 @@ def collect_covariances(
         "normalization": normalization,
         "float16": bool(lora_config.corda_config.use_float16_for_covariance),
         "in_features": {name: in_features(m) for name, m in targets.items()},
+        # the activations depend on every weight of the model that runs (the calibration data
+        # behind run_model cannot be keyed: a covariance file stands for the data it was made from)
+        "model_weights": weights_key(model if hooked_model is None else hooked_model),
     }
     if cache.exists(cov_file):
         return cache.load_checked(cov_file, "covariance", meta)
@@ -99,6 +102,11 @@ def collect_covariances(
     if cov_file is not None:
         cache.save_atomic(cov_file, "covariance", meta, covs)
     return covs
+
+
+def weights_key(model: nn.Module) -> str:
+    """The content key of a model's weights that the drop-in's caches record (every parameter, sampled)."""
+    return cache.fingerprint_tensors(dict(model.named_parameters()))
 
 
 def _as_float16(covs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -155,6 +163,7 @@ def preprocess_corda(
         "normalization": normalization,
         "method": method,
         "shapes": {name: list(linear_weight(m).shape) for name, m in targets.items()},
+        "model_weights": weights_key(model if hooked_model is None else hooked_model),
     }
     CordaEigens = _eigens_class()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -81,14 +82,63 @@ def test_init_writes_loadable_peft_adapter(tiny_dir: Path, tmp_path: Path, mode:
         assert rel_err(adapted(ids).logits, original(ids).logits) < 1e-5
 
 
+def cached_covariance(out: Path) -> dict:
+    return torch.load(out / "covariance.pt", weights_only=False)
+
+
 def test_init_resumes_from_cached_covariance(tiny_dir: Path, tmp_path: Path) -> None:
-    run_init(options(tiny_dir, tmp_path))
-    stamp = (tmp_path / "covariance.pt").stat().st_mtime_ns
-    report = run_init(options(tiny_dir, tmp_path, mode="kpm"))  # same calibration: reused
-    assert (tmp_path / "covariance.pt").stat().st_mtime_ns == stamp
+    """The covariance cache is keyed by content: the same calibration is reused, another one (other
+    tokens, other text under the same path, other weights under the same path) is calibrated anew."""
+    text = tmp_path / "text.txt"
+    text.write_text(data.pydoc_text()[:60000])
+    out = tmp_path / "out"
+    run_init(options(tiny_dir, out, data=str(text)))
+    first = cached_covariance(out)
+    report = run_init(options(tiny_dir, out, data=str(text), mode="kpm"))  # same calibration: reused
+    assert cached_covariance(out)["meta"] == first["meta"]
+    name = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(cached_covariance(out)["data"]["covariances"][name], first["data"]["covariances"][name])
     assert report.verify["logits_rel_err"] < 1e-5
-    with pytest.raises(CacheMismatchError, match="samples=6, this run has samples=5"):
-        run_init(options(tiny_dir, tmp_path, samples=5))  # another calibration: refused, never reused
+
+    def recalibrated(**kw) -> dict:  # noqa: ANN003
+        before = cached_covariance(out)
+        run_init(options(tiny_dir, out, data=str(text), **kw))
+        after = cached_covariance(out)
+        assert after["meta"] != before["meta"]
+        assert rel_err(after["data"]["covariances"][name], before["data"]["covariances"][name]) > 1e-3
+        return after["meta"]
+
+    assert recalibrated(samples=5)["tokens"] != first["meta"]["tokens"]
+    text.write_text(data.pydoc_text()[60000:120000])  # new text, same path
+    assert recalibrated()["tokens"] != first["meta"]["tokens"]
+    changed = tmp_path / "changed-model"
+    shutil.copytree(tiny_dir, changed)
+    model = AutoModelForCausalLM.from_pretrained(changed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+    model.save_pretrained(changed)  # new weights, same path as the run before
+    run_init(options(changed, out, data=str(text)))
+    before = cached_covariance(out)["meta"]
+    model = AutoModelForCausalLM.from_pretrained(changed)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.mul_(2.0)
+    model.save_pretrained(changed)
+    run_init(options(changed, out, data=str(text)))
+    assert cached_covariance(out)["meta"]["model_weights"] != before["model_weights"]
+
+
+def test_cache_mismatch_message_is_whole(tmp_path: Path) -> None:
+    """A mismatch names every differing entry in full (long values were cut at 117 characters)."""
+    from corda_kernels.engine import cache
+
+    long = "x" * 300
+    cache.save_atomic(tmp_path / "c.pt", "covariance", {"model": long + "a", "in": {"l1": 4, "l2": 8}}, {})
+    with pytest.raises(CacheMismatchError) as err:
+        cache.load_checked(tmp_path / "c.pt", "covariance", {"model": long + "b", "in": {"l1": 4, "l2": 16}})
+    message = str(err.value)
+    assert long + "a" in message and long + "b" in message
+    assert "in['l2']=8, this run has 16" in message and "l1" not in message
 
 
 def test_init_nf4_residual(tiny_dir: Path, tmp_path: Path) -> None:

@@ -166,3 +166,18 @@ def test_default_path_matches_float64(method: str, gen: torch.Generator) -> None
     adapted = get_peft_model(model, cfg)
     with torch.no_grad():
         assert rel_err(adapted(ids).logits, before) < 1e-5
+
+
+def test_caches_are_keyed_by_the_weights(gen: torch.Generator, tmp_path) -> None:  # noqa: ANN001
+    """covariance_file / cache_file made with one model are refused for another one, never reused."""
+    model = TwoReaders().eval()
+    x = torch.randn(60, 24, generator=gen)
+    files = {"covariance_file": str(tmp_path / "cov.pt"), "cache_file": str(tmp_path / "eig.pt")}
+    preprocess_corda(model, corda_config(["a", "b"], **files), run_model=lambda: model(x))
+    again = copy.deepcopy(model)
+    preprocess_corda(again, corda_config(["a", "b"], **files))  # same weights: both caches serve
+    assert torch.equal(again.a.eigens.S_WC, model.a.eigens.S_WC)
+    other = TwoReaders().eval()  # other weights, same names and shapes
+    for key in files:
+        with pytest.raises(CacheMismatchError, match="model_weights"):
+            preprocess_corda(copy.deepcopy(other), corda_config(["a", "b"], **{key: files[key]}))

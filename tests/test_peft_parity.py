@@ -26,7 +26,7 @@ from corda_kernels.engine import cache
 from corda_kernels.engine.adapters import build_adapter
 from corda_kernels.engine.layers import in_features, linear_weight
 from corda_kernels.ops.cosvd import BOTTOM_TOL, TOP_TOL, principal_cosines
-from corda_kernels.peft import preprocess_corda, set_calibration_mask, target_modules
+from corda_kernels.peft import preprocess_corda, set_calibration_mask, target_modules, weights_key
 from tests.conftest import rel_err
 from tests.tiny_models import GPT2_TARGETS, LLAMA_TARGETS, pad, sequences, tiny_gpt2, tiny_llama
 
@@ -124,7 +124,12 @@ def test_adapters_match_peft(arch: str, method: str, cosvd: str, gen: torch.Gene
     cov_file = tmp_path / "cov.pt"
     cfg_ours = lora_config(targets, method, covariance_file=str(cov_file))
     mods = target_modules(our_model, cfg_ours)
-    meta = {"normalization": "peft", "float16": False, "in_features": {n: in_features(m) for n, m in mods.items()}}
+    meta = {
+        "normalization": "peft",
+        "float16": False,
+        "in_features": {n: in_features(m) for n, m in mods.items()},
+        "model_weights": weights_key(our_model),
+    }
     cache.save_atomic(cov_file, "covariance", meta, peft_covs)
     preprocess_corda(our_model, cfg_ours, method=cosvd)
     ours = get_peft_model(our_model, cfg_ours)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -107,25 +108,32 @@ def lora_config(
     )
 
 
-def covariance_meta(opts: InitOptions, targets: dict[str, nn.Module], rounds: int) -> dict[str, Any]:
+def covariance_meta(
+    opts: InitOptions, model: nn.Module, targets: dict[str, nn.Module], ids: torch.Tensor, rounds: int
+) -> dict[str, Any]:
+    """What the covariances depend on, by content: the model's weights (every parameter, sampled:
+    :func:`~corda_kernels.engine.cache.fingerprint_tensors`), the calibration tokens, and the settings
+    that change the sums. Paths are no part of it: the same model or text under another path is the
+    same input, and new weights or text under the same path are not."""
     return {
-        "model": opts.model,
-        "data": opts.data,
-        "samples": opts.samples,
-        "seq_len": opts.seq_len,
+        "model_weights": cache.fingerprint_tensors(dict(model.named_parameters())),
+        "tokens": cache.fingerprint_ids(ids),
         "normalization": opts.normalization,
         "rounds": rounds,
         "in_features": {name: in_features(m) for name, m in targets.items()},
     }
 
 
-def load_or_calibrate(model, targets, ids, opts: InitOptions, out: Path, rounds: int = 1):  # noqa: ANN001, ANN201
+def load_or_calibrate(model, targets, ids, opts: InitOptions, out: Path, meta: dict, rounds: int = 1):  # noqa: ANN001, ANN201
     """``{name: C}`` (shared tensors for shared inputs) and, with rounds > 1, ``{name: (K, n, n)}``."""
     path = out / "covariance.pt"
-    meta = covariance_meta(opts, targets, rounds)
     if cache.exists(path):
-        stored = cache.load_checked(path, "covariance", meta)
-        return stored["covariances"], stored["candidates"]
+        try:
+            stored = cache.load_checked(path, "covariance", meta)
+            return stored["covariances"], stored["candidates"]
+        except cache.CacheMismatchError as err:  # other weights, tokens or settings: calibrate anew
+            if opts.progress:
+                print(f"corda-kernels init: recalibrating: {err}", file=sys.stderr)
     got = stages.collect(
         model,
         targets,
@@ -161,7 +169,8 @@ def run_init(opts: InitOptions) -> Report:
 
     rounds = opts.rounds if opts.dynamic else 1
     with stage(report, "calibrate"):
-        covs, cands = load_or_calibrate(model, targets, ids, opts, out, rounds)
+        key = covariance_meta(opts, model, targets, ids, rounds)
+        covs, cands = load_or_calibrate(model, targets, ids, opts, out, key, rounds)
 
     with stage(report, "corda++") if opts.dynamic else contextlib.nullcontext():
         chosen = stages.plan(
@@ -181,7 +190,7 @@ def run_init(opts: InitOptions) -> Report:
     check_ranks(targets, ranks)
 
     with stage(report, "decompose"):
-        adapters = decompose_into(model, targets, covs, ranks, alphas, opts, out, report)
+        adapters = decompose_into(model, targets, covs, ranks, alphas, opts, out, report, key)
 
     with stage(report, "export"):
         peft_model = export(model, tokenizer, targets, adapters, ranks, alphas, opts, out, report)
@@ -196,7 +205,7 @@ def run_init(opts: InitOptions) -> Report:
     return report
 
 
-def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: Path, report: Report):  # noqa: ANN001, ANN201
+def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: Path, report: Report, key: dict):  # noqa: ANN001, ANN201
     """Per layer: CO-SVD, adapters, residual written into the model in place. Resumable."""
     partial = out / ".partial.pt"
     meta = {
@@ -205,7 +214,7 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
         "alphas": alphas,
         "method": opts.method,
         "rslora": opts.rslora,
-        "covariance": covariance_meta(opts, targets, opts.rounds if opts.dynamic else 1),
+        "covariance": key,
     }
     done: dict[str, dict] = {}
     if cache.exists(partial):

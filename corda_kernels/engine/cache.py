@@ -3,12 +3,14 @@
 A cache file is a ``torch.save`` of ``{"format": ..., "meta": {...}, "data": {...}}``. It is
 written to a temporary file in the same directory and renamed into place, so an interrupted
 run never leaves a half-written cache. On load the stored ``meta`` must equal what the
-caller expects (method, ranks, normalization, shapes...), else :class:`CacheMismatchError`
-says which field differs — a stale cache is never silently reused.
+caller expects (method, ranks, normalization, shapes, and content keys of the weights and the
+calibration tokens: :func:`fingerprint_tensors`, :func:`fingerprint_ids`), else
+:class:`CacheMismatchError` says exactly what differs — a stale cache is never silently reused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -48,13 +50,11 @@ def load_checked(path: str | os.PathLike, kind: str, expect: dict[str, Any]) -> 
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or blob.get("kind") != kind:
         raise CacheMismatchError(f"{path}: not a corda_kernels {kind} cache (a PEFT cache or another file?)")
     meta = blob["meta"]
-    for key, want in expect.items():
-        have = meta.get(key)
-        if have != want:
-            raise CacheMismatchError(
-                f"{path}: cache was built with {key}={_short(have)}, this run has {key}={_short(want)}; "
-                "delete the file or change the settings"
-            )
+    diff = [_difference(key, meta.get(key), want) for key, want in expect.items() if meta.get(key) != want]
+    if diff:
+        raise CacheMismatchError(
+            f"{path}: cache was built with {'; '.join(diff)}; delete the file or change the settings"
+        )
     return blob["data"]
 
 
@@ -62,6 +62,37 @@ def exists(path: str | os.PathLike | None) -> bool:
     return path is not None and os.path.exists(path) and os.path.getsize(path) > 0
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) < 120 else text[:117] + "..."
+def _difference(key: str, have: Any, want: Any) -> str:
+    """What differs, whole: for maps, only the entries that differ (a long map is not cut short)."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        diff = [
+            f"{key}[{k!r}]={have.get(k, '<absent>')!r}, this run has {want.get(k, '<absent>')!r}"
+            for k in sorted(set(have) | set(want), key=str)
+            if have.get(k) != want.get(k)
+        ]
+        return "; ".join(diff)
+    return f"{key}={have!r}, this run has {key}={want!r}"
+
+
+def fingerprint_tensors(tensors: dict[str, torch.Tensor], samples: int = 4096) -> str:
+    """A content key of named tensors: names, shapes, dtypes and ``samples`` evenly spaced values of each.
+
+    Cheap at any size (a strided gather, not a pass over every byte), and it changes with any
+    retraining, fine-tuning or re-initialization of the weights, which move every sampled value.
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        flat = t.reshape(-1)
+        step = max(1, flat.numel() // samples)
+        picked = flat[::step][:samples].to("cpu", torch.float64).contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(picked.numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint_ids(ids: torch.Tensor) -> str:
+    """A content key of calibration token ids: every id, in order, and the shape."""
+    h = hashlib.sha256(f"{tuple(ids.shape)}|".encode())
+    h.update(ids.to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
