@@ -208,3 +208,54 @@ def test_every_subcommand_is_registered(command: str, capsys: pytest.CaptureFixt
         main([command, "--help"])
     assert exit_.value.code == 0
     assert f"corda-kernels {command}" in capsys.readouterr().out
+
+
+def test_bad_inputs_are_one_line_errors_before_anything_is_written(
+    tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Binary data, a broken config.json, rank 0: exit 2, one line naming the argument, no traceback,
+    and --out untouched (a previous output stays as it was)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("a previous run's output")
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(bytes(range(256)) * 64)
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "config.json").write_text("{ not json")
+    base = ["init", "--out", str(out), "--no-progress", "--samples", "2", "--seq-len", "16"]
+    cases = [
+        (["--model", str(tiny_dir), "--data", str(binary)], "--data"),
+        (["--model", str(broken)], "--model"),
+        (["--model", str(tiny_dir), "--rank", "0"], "--rank"),
+        (["--model", str(tiny_dir), "--samples", "100000"], "--data"),
+    ]
+    for extra, flag in cases:
+        code = main(base + extra)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("corda-kernels init: error:") and flag in err, (extra, err)
+        assert "\n" not in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    with pytest.raises(ValueError, match="--model"):
+        main(base + ["--model", str(broken), "--debug"])
+
+
+def test_default_targets_are_every_linear_layer(tmp_path: Path) -> None:
+    """--targets defaults to PEFT's all-linear: a GPT-2 (Conv1D) model needs no --targets."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model_dir = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(
+        model_dir
+    )
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]").save_pretrained(model_dir)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 200 + 1}" for i in range(3000)))
+    report = run_init(InitOptions(model=str(model_dir), data=str(text), samples=6, seq_len=40, rank=4,
+                                  out=str(tmp_path / "out"), progress=False, verify_tokens=16))  # fmt: skip
+    assert set(report.options["targets"]) == {"c_attn", "c_proj", "c_fc"}
+    assert len(report.layers) == 8 and report.verify["logits_rel_err"] < 1e-5

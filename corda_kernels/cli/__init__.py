@@ -25,7 +25,11 @@ def _add_init(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: the rank, i.e. scaling 1)")
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated module names")
+    p.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help="comma-separated module names, or all-linear (default: every Linear / Conv1D but the output head)",
+    )
     p.add_argument("--samples", type=int, default=d.samples, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per calibration sequence")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -42,6 +46,7 @@ def _add_init(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["none", "nf4"], default=d.quantize, help="nf4: QCorDA residual")
     p.add_argument("--out", default=d.out, help="output directory")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
 def _run_init(args: argparse.Namespace) -> int:
@@ -78,6 +83,7 @@ def _run_init(args: argparse.Namespace) -> int:
 
 
 def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("what", nargs="?", default="init", choices=["init"], help="init: PEFT vs ours end to end")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
 
@@ -94,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init(sub.add_parser("init", help="build CorDA adapters (default: embedded SmolLM2 on the Lee corpus)"))
     _add_bench(sub.add_parser("bench", help="benchmarks: PEFT vs corda_kernels"))
     for name, (add, _) in SUBCOMMANDS.items():
-        add(sub.add_parser(name))
+        sp = sub.add_parser(name)
+        add(sp)
+        sp.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -104,8 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     runners = {"init": _run_init, "bench": _run_bench, **{k: v[1] for k, v in SUBCOMMANDS.items()}}
     try:
         return runners[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"corda-kernels {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:  # one line, exit 2; the traceback only when asked
+        if getattr(args, "debug", False):
+            raise
+        known = isinstance(err, (ValueError, FileNotFoundError, RuntimeError, OSError))
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(
+            f"corda-kernels {args.command}: error: {message if known else f'{type(err).__name__}: {message}'}"
+            + ("" if known else " (--debug shows where)"),
+            file=sys.stderr,
+        )
         return 2
 
 

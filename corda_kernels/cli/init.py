@@ -18,7 +18,7 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,13 @@ from torch import nn
 
 from ..engine import cache, data, stages
 from ..engine.adapters import lora_scaling
-from ..engine.layers import in_features, linear_weight, target_modules
+from ..engine.layers import in_features, is_conv1d, linear_weight, target_modules
 from ..engine.pipeline import check_ranks
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# PEFT's own "all-linear": every nn.Linear / Conv1D of the model but its output head (for LLaMA-style
+# models the seven projections, for GPT-2 c_attn / c_proj / c_fc)
+ALL_LINEAR = "all-linear"
+DEFAULT_TARGETS = (ALL_LINEAR,)
 
 
 @dataclass
@@ -147,22 +150,108 @@ def load_or_calibrate(model, targets, ids, opts: InitOptions, out: Path, meta: d
     return got.covariances, got.candidates
 
 
+@dataclass
+class Inputs:
+    """What :func:`check_inputs` found: everything the job reads, read and checked before it starts."""
+
+    model_dir: Path
+    targets: tuple[str, ...]  # module-name suffixes, PEFT's matching ("all-linear" resolved)
+    ids: torch.Tensor  # (samples, seq_len) calibration token ids
+    tokenizer: Any
+
+
+def check_inputs(opts: InitOptions) -> Inputs:
+    """Every argument checked before the model's weights are loaded or any file is written.
+
+    Each failure is a ``ValueError`` naming the argument: numbers out of range, a model directory
+    transformers cannot read, ``--data`` that is not UTF-8 text or too short for
+    ``--samples × --seq-len``, ``--targets`` that match no ``nn.Linear`` / ``Conv1D`` of the model
+    (read from its config on the meta device: no weights), a ``--rank`` larger than a target layer.
+    """
+    for flag, value, low in (("--rank", opts.rank, 1), ("--samples", opts.samples, 1), ("--seq-len", opts.seq_len, 1),
+                             ("--batch-size", opts.batch_size, 1), ("--rounds", opts.rounds, 1)):  # fmt: skip
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{flag} must be an integer ≥ {low}, got {value!r}")
+    if opts.dynamic and opts.rounds < 2:
+        raise ValueError(f"--rounds must be ≥ 2 with --dynamic (CorDA++ selects among the rounds), got {opts.rounds}")
+    if opts.alpha is not None and not (math.isfinite(opts.alpha) and opts.alpha > 0):
+        raise ValueError(f"--alpha must be a positive number, got {opts.alpha!r}")
+    for flag, value, allowed in (("--mode", opts.mode, ("ipm", "kpm")), ("--quantize", opts.quantize, ("none", "nf4")),
+                                 ("--normalization", opts.normalization, ("peft", "mean")),
+                                 ("--method", opts.method, ("exact", "fast"))):  # fmt: skip
+        if value not in allowed:
+            raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    text = data.load_text(opts.data)  # a file: strict UTF-8 (data.load_text names the byte that is not)
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = data.model_dir(opts.model)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as err:  # noqa: BLE001  (transformers raises many kinds; all mean the same here)
+        raise ValueError(
+            f"--model {model_dir}: not a loadable transformers model directory ({_first_line(err)})"
+        ) from err
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(
+            f"--model {model_dir}: transformers cannot build a causal LM from its config ({_first_line(err)})"
+        ) from err
+    layers = linear_layers(skeleton)
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    if tuple(opts.targets) == (ALL_LINEAR,):
+        targets = tuple(suffixes)
+    else:
+        targets = tuple(opts.targets)
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]
+        if unmatched or not targets:
+            raise ValueError(
+                f"--targets {','.join(unmatched) or '(empty)'} matched no nn.Linear / Conv1D of the model; "
+                f"its layers are named {', '.join(suffixes)} (or use {ALL_LINEAR})"
+            )
+    chosen = {n: m for n, m in layers.items() if any(n == t or n.endswith("." + t) for t in targets)}
+    smallest = min(chosen.items(), key=lambda kv: min(linear_weight(kv[1]).shape))
+    k = min(linear_weight(smallest[1]).shape)
+    if opts.rank > k:
+        raise ValueError(f"--rank {opts.rank} is larger than layer {smallest[0]} allows (min(m, n) = {k})")
+    try:
+        ids = data.token_blocks(tokenizer, text, opts.samples, opts.seq_len)
+    except ValueError as err:
+        raise ValueError(f"--data {opts.data}: {err}") from err
+    return Inputs(model_dir, targets, ids, tokenizer)
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` / ``Conv1D`` of ``model`` but its output head (PEFT's "all-linear" set)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: m for name, m in model.named_modules() if (isinstance(m, nn.Linear) or is_conv1d(m)) and m is not head
+    }
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
 def run_init(opts: InitOptions) -> Report:
     """The whole job; returns (and writes) the report."""
-    if opts.mode not in ("ipm", "kpm"):
-        raise ValueError(f"--mode must be ipm or kpm, got {opts.mode!r}")
-    if opts.quantize not in ("none", "nf4"):
-        raise ValueError(f"--quantize must be none or nf4, got {opts.quantize!r}")
+    inputs = check_inputs(opts)
+    opts = replace(opts, targets=inputs.targets)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(options=asdict(opts))
 
     with stage(report, "load"):
-        model, tokenizer = data.load_model(opts.model)
-        ids = data.token_blocks(tokenizer, data.load_text(opts.data), opts.samples, opts.seq_len)
+        model, tokenizer = data.load_model(str(inputs.model_dir))
+        ids = inputs.ids
         targets = target_modules(model, lora_config(opts))
-        if not targets:
-            raise ValueError(f"--targets {','.join(opts.targets)} matched no nn.Linear / Conv1D of the model")
         probe = ids[:1, : opts.verify_tokens]
         with torch.inference_mode():
             logits_before = model(probe).logits.float()

@@ -67,13 +67,19 @@ def default_model_dir() -> Path:
     return target
 
 
+def model_dir(name_or_path: str = DEFAULT_MODEL) -> Path:
+    """The directory of the embedded model (``smollm2``, converted once) or of a local transformers model."""
+    path = default_model_dir() if name_or_path == DEFAULT_MODEL else Path(name_or_path)
+    if not path.exists():
+        raise FileNotFoundError(f"model directory {path} does not exist (use --model smollm2 for the embedded one)")
+    return path
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):  # noqa: ANN201
     """``(model, tokenizer)`` for the embedded model (``smollm2``) or a local transformers directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = default_model_dir() if name_or_path == DEFAULT_MODEL else Path(name_or_path)
-    if not path.exists():
-        raise FileNotFoundError(f"model directory {path} does not exist (use --model smollm2 for the embedded one)")
+    path = model_dir(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()
@@ -97,13 +103,21 @@ TEXTS = {"lee": lee_text, "pydoc": pydoc_text}
 
 
 def load_text(name_or_path: str) -> str:
-    """``lee``, ``pydoc`` or the path of a UTF-8 text file."""
+    """``lee``, ``pydoc`` or the path of a UTF-8 text file (strictly: a byte that is not UTF-8, or a NUL,
+    is an error naming its offset, not text replaced by garbage)."""
     if name_or_path in TEXTS:
         return TEXTS[name_or_path]()
     path = Path(name_or_path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {name_or_path!r} is neither 'lee', 'pydoc' nor a text file")
-    return path.read_text(encoding="utf-8", errors="replace")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--data {path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from err
+    if "\x00" in text:
+        raise ValueError(f"--data {path}: binary data, not text (a NUL byte at offset {text.index(chr(0))})")
+    return text
 
 
 def token_blocks(tokenizer, text: str, n: int, seq_len: int, *, offset: int = 0) -> torch.Tensor:  # noqa: ANN001
