@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import warnings
 from pathlib import Path
 
@@ -80,6 +82,11 @@ def test_init_writes_loadable_peft_adapter(tiny_dir: Path, tmp_path: Path, mode:
     ids = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():
         assert rel_err(adapted(ids).logits, original(ids).logits) < 1e-5
+    from peft import AutoPeftModelForCausalLM  # the adapter alone finds its base: the residual
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        assert rel_err(auto(ids).logits, original(ids).logits) < 1e-5
 
 
 def cached_covariance(out: Path) -> dict:
@@ -259,3 +266,64 @@ def test_default_targets_are_every_linear_layer(tmp_path: Path) -> None:
                                   out=str(tmp_path / "out"), progress=False, verify_tokens=16))  # fmt: skip
     assert set(report.options["targets"]) == {"c_attn", "c_proj", "c_fc"}
     assert len(report.layers) == 8 and report.verify["logits_rel_err"] < 1e-5
+
+
+def load_adapted(out: Path):  # noqa: ANN201
+    """The adapter of ``out`` on its residual, as a user loads it, and the rank the report claims."""
+    from peft import PeftModel
+
+    residual = AutoModelForCausalLM.from_pretrained(out / "residual")
+    adapted = PeftModel.from_pretrained(residual, out / "adapter")
+    report = json.loads((out / "report.json").read_text())
+    return adapted, report["options"]["rank"]
+
+
+@pytest.mark.parametrize("point", ["load", "calibrate", "decompose", "export", "verify", "publish"])
+def test_killed_at_a_stage_boundary_leaves_a_whole_output(tiny_dir: Path, tmp_path: Path, point: str) -> None:
+    """A rank-4 rerun SIGKILLed at each stage boundary (and between the two renames of the swap):
+    --out is the previous complete rank-8 output or the new rank-4 one, its adapter on its residual
+    reproduces the original logits, and the next run finishes."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    run_init(options(tiny_dir, out, rank=8))
+    args = ["--model", str(tiny_dir), "--data", "pydoc", "--samples", "6", "--seq-len", "48", "--batch-size", "4",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    env = dict(os.environ, CORDA_KERNELS_FAULT=point)
+    proc = subprocess.run([sys.executable, "-m", "corda_kernels", "init", "--rank", "4", *args], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    ids = torch.randint(0, VOCAB, (2, 20))
+    original = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    from corda_kernels.cli.init import recover
+
+    for expect in ((8,) if point != "publish" else (4, 8), (4,)):  # what the kill left, then after a rerun
+        recover(out)  # what the next run does first
+        adapted, rank = load_adapted(out)
+        assert adapted.peft_config["default"].r == rank and rank in expect, (rank, expect)
+        with torch.no_grad():
+            assert rel_err(adapted(ids).logits, original(ids).logits) < 1e-5
+        run_init(options(tiny_dir, out, rank=4))
+
+
+def test_second_run_on_the_same_out_refuses(tiny_dir: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    out = tmp_path / "out"
+    with open(tmp_path / ".out.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run holds it
+        with pytest.raises(ValueError, match="another corda-kernels init is writing"):
+            run_init(options(tiny_dir, out))
+    assert not out.exists()
+    run_init(options(tiny_dir, out))  # released: runs
+
+
+def test_rank_zero_on_an_existing_output_leaves_it_intact(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_init(options(tiny_dir, out, rank=8))
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main(["init", "--model", str(tiny_dir), "--rank", "0", "--out", str(out), "--no-progress"]) == 2
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    adapted, rank = load_adapted(out)
+    assert rank == 8

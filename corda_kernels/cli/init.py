@@ -1,11 +1,12 @@
 """``corda-kernels init``: CorDA adapters for a model, end to end.
 
-Stages (each timed in ``report.json``): load the model and text, calibrate (covariances of
-every target layer, cached atomically in ``OUT/covariance.pt`` so a rerun resumes), decompose
-(damped inverse + CO-SVD + adapters, one layer at a time, progress saved in
-``OUT/.partial.pt``), export (the residual model with ``save_pretrained`` and a PEFT adapter
-directory that ``PeftModel.from_pretrained`` loads onto it), verify (logits after init equal
-the original's).
+Stages (each timed in ``report.json``; the stage functions are in :mod:`corda_kernels.engine.stages`):
+load the model and text, calibrate (covariances of every target layer, cached in
+``covariance.pt`` under a content key so a rerun resumes), decompose (damped inverse + CO-SVD +
+adapters, one layer at a time, progress saved in ``.partial.pt``), export (the residual model
+with ``save_pretrained`` and a PEFT adapter directory that ``PeftModel.from_pretrained`` loads
+onto it), verify (logits after init equal the original's). Everything is written into
+``.<out>.partial/`` beside ``--out`` and moved into place only when complete and verified.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import json
 import math
 import os
 import resource
+import shutil
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -240,12 +244,31 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+VERIFY_TOLERANCE = 1e-3  # logits after init against before, relative: beyond it the output is not moved into place
+
+
 def run_init(opts: InitOptions) -> Report:
-    """The whole job; returns (and writes) the report."""
+    """The whole job; returns (and writes) the report.
+
+    Nothing is written before every argument is checked (:func:`check_inputs`). The run holds a
+    lock beside ``--out`` (a second run on the same ``--out`` refuses) and writes into
+    ``.<out>.partial/`` beside it, which also keeps the resumable state (covariances, finished
+    layers). Only a complete, verified output replaces ``--out``, as a whole, by two renames
+    (:func:`publish`): ``--out`` always holds either the previous complete output or the new one.
+    """
     inputs = check_inputs(opts)
     opts = replace(opts, targets=inputs.targets)
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        return _run_locked(opts, inputs, out)
+
+
+def _run_locked(opts: InitOptions, inputs: Inputs, out: Path) -> Report:
+    recover(out)
+    work = staging_dir(out)
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "covariance.pt").exists() and (out / "covariance.pt").exists():  # resume from the last output
+        shutil.copy2(out / "covariance.pt", work / "covariance.pt")
     report = Report(options=asdict(opts))
 
     with stage(report, "load"):
@@ -255,11 +278,13 @@ def run_init(opts: InitOptions) -> Report:
         probe = ids[:1, : opts.verify_tokens]
         with torch.inference_mode():
             logits_before = model(probe).logits.float()
+    fault_point("load")
 
     rounds = opts.rounds if opts.dynamic else 1
     with stage(report, "calibrate"):
         key = covariance_meta(opts, model, targets, ids, rounds)
-        covs, cands = load_or_calibrate(model, targets, ids, opts, out, key, rounds)
+        covs, cands = load_or_calibrate(model, targets, ids, opts, work, key, rounds)
+    fault_point("calibrate")
 
     with stage(report, "corda++") if opts.dynamic else contextlib.nullcontext():
         chosen = stages.plan(
@@ -276,22 +301,86 @@ def run_init(opts: InitOptions) -> Report:
     if opts.dynamic:
         report.extra["corda++"] = chosen.report
     targets = {name: m for name, m in targets.items() if ranks[name] > 0}
+    if not targets:
+        raise ValueError("CorDA++ left every target layer at rank 0: nothing to adapt (raise --rank)")
     check_ranks(targets, ranks)
 
     with stage(report, "decompose"):
-        adapters = decompose_into(model, targets, covs, ranks, alphas, opts, out, report, key)
+        adapters = decompose_into(model, targets, covs, ranks, alphas, opts, work, report, key)
+    fault_point("decompose")
 
     with stage(report, "export"):
-        peft_model = export(model, tokenizer, targets, adapters, ranks, alphas, opts, out, report)
+        peft_model = export(model, tokenizer, targets, adapters, ranks, alphas, opts, work, report, final=out)
+    fault_point("export")
 
     with stage(report, "verify"), torch.inference_mode():
         logits_after = peft_model(probe).logits.float()
         err = float((logits_after - logits_before).norm() / logits_before.norm())
         report.verify = {"tokens": int(probe.numel()), "logits_rel_err": err}
+    if not err < VERIFY_TOLERANCE:
+        raise RuntimeError(
+            f"after init the logits differ from the original model's by {err:.3g} (relative) > {VERIFY_TOLERANCE}: "
+            f"the output was not moved into {out} (it is in {work})"
+        )
     report.peak_rss_mib = round(peak_rss_mib(), 1)
-    write_report(report, out)
-    (out / ".partial.pt").unlink(missing_ok=True)
+    (work / ".partial.pt").unlink(missing_ok=True)
+    write_report(report, work)
+    fault_point("verify")
+    publish(work, out)
     return report
+
+
+def staging_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def _previous(out: Path) -> Path:
+    return out.parent / f".{out.name}.previous"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on ``.<out>.lock`` beside ``out``; a second holder refuses at once."""
+    import fcntl  # noqa: PLC0415  (POSIX; the lock is advisory between corda-kernels runs)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"--out {out}: another corda-kernels init is writing it (lock {path})") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def recover(out: Path) -> None:
+    """Finish what a run killed inside :func:`publish` left: the previous output back in place, or removed."""
+    previous = _previous(out)
+    if previous.exists():
+        if out.exists():
+            shutil.rmtree(previous)
+        else:
+            os.replace(previous, out)
+
+
+def publish(work: Path, out: Path) -> None:
+    """Move the complete output ``work`` into ``out``: the old ``out`` aside, ``work`` in, the old one removed."""
+    previous = _previous(out)
+    if out.exists():
+        os.replace(out, previous)
+    fault_point("publish")
+    os.replace(work, out)
+    if previous.exists():
+        shutil.rmtree(previous)
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the tests: ``CORDA_KERNELS_FAULT=<name>`` kills the process here (SIGKILL)."""
+    if os.environ.get("CORDA_KERNELS_FAULT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: Path, report: Report, key: dict):  # noqa: ANN001, ANN201
@@ -334,18 +423,21 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
     return adapters
 
 
-def export(model, tokenizer, targets, adapters, ranks, alphas, opts: InitOptions, out: Path, report: Report):  # noqa: ANN001, ANN201
+def export(
+    model, tokenizer, targets, adapters, ranks, alphas, opts: InitOptions, out: Path, report: Report, final: Path
+):  # noqa: ANN001, ANN201, E501
     """Residual model, PEFT adapter directory (and NF4 residuals); returns the PEFT model (for verification)."""
     if opts.quantize == "nf4":
-        report.outputs["residual_nf4"] = str(stages.save_nf4_residual(targets, out / "residual_nf4.safetensors"))
+        stages.save_nf4_residual(targets, out / "residual_nf4.safetensors")
+        report.outputs["residual_nf4"] = str(final / "residual_nf4.safetensors")
     rank_pattern = {name: r for name, r in ranks.items() if name in targets and r != opts.rank}
     alpha_pattern = {name: a for name, a in alphas.items() if name in targets and a != opts.lora_alpha()}
     # Exact module names as targets: layers that CorDA++ left at rank 0 get no adapter.
     cfg = lora_config(
         opts, corda=False, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, targets=sorted(targets)
     )
-    peft_model = stages.export(model, tokenizer, adapters, cfg, out)
-    report.outputs.update({"residual": str(out / "residual"), "adapter": str(out / "adapter")})
+    peft_model = stages.export(model, tokenizer, adapters, cfg, out, base_model=(final / "residual").resolve())
+    report.outputs.update({"residual": str(final / "residual"), "adapter": str(final / "adapter")})
     return peft_model
 
 

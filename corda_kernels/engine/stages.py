@@ -175,9 +175,11 @@ def export(
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]],
     lora_config,  # noqa: ANN001  (peft.LoraConfig naming the adapted layers exactly)
     out: Path,
+    base_model: Path | None = None,
 ) -> nn.Module:
     """``out/residual`` (the model, its weights now residuals, with the tokenizer) and ``out/adapter``
-    (a PEFT adapter directory naming the residual as its base model). Returns the PEFT model."""
+    (a PEFT adapter directory naming the residual as its base model: ``base_model``, where the
+    residual will finally live, by default ``out/residual``). Returns the PEFT model."""
     from peft import get_peft_model
 
     residual_dir, adapter_dir = out / "residual", out / "adapter"
@@ -185,7 +187,7 @@ def export(
     tokenizer.save_pretrained(residual_dir)
     # get_peft_model names the model's own name_or_path as the adapter's base model: the residual
     # directory, which is what the adapter must be loaded onto
-    model.name_or_path = str(residual_dir.resolve())
+    model.name_or_path = str(base_model or residual_dir.resolve())
     peft_model = get_peft_model(model, lora_config)
     layers = dict(peft_model.named_modules())
     with torch.no_grad():
