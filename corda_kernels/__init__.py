@@ -11,6 +11,7 @@ Triton ``kernels`` registered into them) → ``engine`` → front ends (``peft``
 from __future__ import annotations
 
 from .backend import get_backend, set_backend
+from .cli.init import load_output
 from .engine.adapters import CordaLinear, build_adapter, lora_scaling
 from .engine.calibration import CovarianceCollector, NonFiniteActivationError
 from .ops.cosvd import cosvd
@@ -31,6 +32,7 @@ __all__ = [
     "damp_covariance",
     "damped_inverse",
     "get_backend",
+    "load_output",
     "lora_scaling",
     "nf4_dequantize",
     "nf4_quantize",

@@ -327,3 +327,23 @@ def test_rank_zero_on_an_existing_output_leaves_it_intact(tiny_dir: Path, tmp_pa
     assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
     adapted, rank = load_adapted(out)
     assert rank == 8
+
+
+def test_load_output_checks_what_the_report_describes(tiny_dir: Path, tmp_path: Path) -> None:
+    """report.json records every output file's hash; load_output refuses a directory that no longer
+    matches it (another run's residual copied in, a file added or removed) and loads a matching one."""
+    from corda_kernels import load_output
+
+    out, other = tmp_path / "out", tmp_path / "other"
+    run_init(options(tiny_dir, out, rank=8))
+    run_init(options(tiny_dir, other, rank=4))
+    ids = torch.randint(0, VOCAB, (2, 20))
+    original = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        assert rel_err(load_output(out)(ids).logits, original(ids).logits) < 1e-5
+    shutil.copy2(other / "residual" / "model.safetensors", out / "residual" / "model.safetensors")
+    with pytest.raises(ValueError, match="residual/model.safetensors differ"):
+        load_output(out)
+    (out / "adapter" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="adapter/extra.bin"):
+        load_output(out)
