@@ -102,5 +102,11 @@ def resolve(name: str, device: torch.device) -> Callable[..., Any]:
         )
     if backend == "cuda" and device.type != "cuda":
         raise RuntimeError(f"corda_kernels: the cuda backend needs CUDA tensors (got {device})")
-    # An op that has no kernel for the chosen backend (an SVD, say) runs its torch path.
+    if backend == "cuda" and "cuda" not in impls:
+        # no compiled kernel for this op: running torch under the cuda name would say what is not so
+        raise NotImplementedError(
+            f"corda_kernels: the cuda backend has no compiled kernel for {name} (built: "
+            f"{', '.join(available_backends(name))}); choose 'auto', 'triton' or 'torch'"
+        )
+    # An op that has no Triton kernel (an SVD, say) runs its torch path under the triton backend.
     return impls.get(backend, impls["torch"])

@@ -165,6 +165,15 @@ def test_init_nf4_residual(tiny_dir: Path, tmp_path: Path) -> None:
     deq = nf4_dequantize(tensors[name], state)
     assert deq.shape == W.shape
     assert rel_err(deq, W) < 0.15  # 4-bit: a coarse but faithful copy of the residual
+    # byte for byte what bitsandbytes makes of the same residual, for every adapted layer
+    weights = dict(residual.named_parameters())
+    layers = [k[: -len(".weight")] for k in tensors if k.endswith(".weight")]
+    assert len(layers) == len(report.layers) > 0
+    for layer in layers:
+        ref, ref_state = bnbf.quantize_4bit(weights[f"{layer}.weight"].detach(), blocksize=64, quant_type="nf4",
+                                            compress_statistics=False)  # fmt: skip
+        assert torch.equal(tensors[f"{layer}.weight"], ref), layer
+        assert torch.equal(tensors[f"{layer}.weight.absmax"], ref_state.absmax), layer
 
 
 def test_cli_errors(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

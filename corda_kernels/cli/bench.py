@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import date
+from pathlib import Path
 
 # floors: the bare forward passes (no hooks) of the whole model at batch 1 and batched, and of
 # the backbone alone, batched. Variants: PEFT (batch 1, the whole model as its docs run it), ours
@@ -225,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         "--dropin-method", default="exact", choices=["exact", "fast"], help="CO-SVD of the drop-in row (its default)"
     )
     p.add_argument("--modes", default="ipm,kpm")
-    p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument(
+        "--json", default="bench/results/bench_init.json", help="where the rows are written (the table is printed)"
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="ipm", help=argparse.SUPPRESS)
     p.add_argument("--adapters", default=None, help=argparse.SUPPRESS)
@@ -250,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(agreement_table(agreements))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "adapter_agreement": agreements}, f, indent=2)
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"date": date.today().isoformat(), "command": "corda-kernels bench init " + " ".join(argv or [])}
+        path.write_text(json.dumps({**meta, "rows": rows, "adapter_agreement": agreements}, indent=2))
+        print(f"wrote {path}")
     return 0
 
 
