@@ -11,9 +11,9 @@ Triton ``kernels`` registered into them) → ``engine`` → front ends (``peft``
 from __future__ import annotations
 
 from .backend import get_backend, set_backend
-from .cli.init import load_output
 from .engine.adapters import CordaLinear, build_adapter, lora_scaling
 from .engine.calibration import CovarianceCollector, NonFiniteActivationError
+from .engine.outputs import load_output
 from .ops.cosvd import cosvd
 from .ops.covariance import covariance_update
 from .ops.damping import DampingError, damp_covariance, damped_inverse

@@ -12,7 +12,6 @@ onto it), verify (logits after init equal the original's). Everything is written
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from torch import nn
 from ..engine import cache, data, stages
 from ..engine.adapters import lora_scaling
 from ..engine.layers import in_features, is_conv1d, linear_weight, target_modules
+from ..engine.outputs import output_hashes
 from ..engine.pipeline import check_ranks
 
 # PEFT's own "all-linear": every nn.Linear / Conv1D of the model but its output head (for LLaMA-style
@@ -331,52 +331,6 @@ def _run_locked(opts: InitOptions, inputs: Inputs, out: Path) -> Report:
     fault_point("verify")
     publish(work, out)
     return report
-
-
-OUTPUT_PARTS = ("adapter", "residual", "residual_nf4.safetensors")
-
-
-def output_hashes(out: Path) -> dict[str, str]:
-    """``{path relative to out: sha256}`` of every file of the adapter, the residual and the NF4 residual."""
-    files = []
-    for part in OUTPUT_PARTS:
-        p = out / part
-        files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else ([p] if p.is_file() else [])
-    return {str(f.relative_to(out)): _sha256(f) for f in files}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_output(out: str | os.PathLike, *, verify: bool = True):  # noqa: ANN201
-    """The adapted model of a ``corda-kernels init`` output: its adapter on its residual (a ``PeftModel``).
-
-    With ``verify`` every file is first checked against the hashes ``report.json`` recorded; a
-    file changed, added or missing since (a half-copied directory, another run's residual) is a
-    ``ValueError`` naming it.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    out = Path(out)
-    report_path = out / "report.json"
-    if not report_path.is_file():
-        raise ValueError(f"{out}: no report.json, not a complete corda-kernels init output")
-    recorded = json.loads(report_path.read_text()).get("files_sha256") or {}
-    if verify:
-        if not recorded:
-            raise ValueError(f"{report_path}: records no file hashes (written by an older corda-kernels)")
-        found = output_hashes(out)
-        bad = sorted(k for k in set(recorded) | set(found) if recorded.get(k) != found.get(k))
-        if bad:
-            raise ValueError(f"{out}: {', '.join(bad)} differ from what report.json describes")
-    residual = AutoModelForCausalLM.from_pretrained(out / "residual")
-    return PeftModel.from_pretrained(residual, out / "adapter")
 
 
 def staging_dir(out: Path) -> Path:
