@@ -68,7 +68,26 @@ def test_init_writes_loadable_peft_adapter(tiny_dir: Path, tmp_path: Path, mode:
         assert row["lambda_min"] == pytest.approx(float(ev[0]), rel=1e-4)
         assert row["lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-6)
 
+    # the adapters themselves, not only the logits (which W_res + s·B·A = W makes right whatever the
+    # triplets): B = U·diag(√(S/s)) with unit U, so s·‖B_i‖² must be the CO-SVD's singular values of
+    # a float64 SVD of W·C_fix, and A = diag(√(S/s))·Vᵀ must give back W·C_fix's right vectors
+    from safetensors.torch import load_file
+
     original = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    weights = dict(original.named_parameters())
+    lora = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    for name, row in saved["layers"].items():
+        C_fix = fix_covariance(covs[name][None], torch.tensor([row["damp"]], dtype=torch.float64))[0].double()
+        S = torch.linalg.svdvals(weights[f"{name}.weight"].double() @ C_fix)
+        ref = S[:4] if mode == "ipm" else S[-4:]
+        B = lora[f"base_model.model.{name}.lora_B.weight"].double()
+        A = lora[f"base_model.model.{name}.lora_A.weight"].double()
+        got = row["scaling"] * B.norm(dim=0) ** 2
+        assert float(((got - ref).abs() / ref).max()) < 1e-6, name
+        # A = diag(√(S/s))·V̂ᵀ with V̂ = C_fix⁻¹·v: A·C_fix has rows √(S/s)·vᵢᵀ, the vᵢ orthonormal
+        Vt = (A @ C_fix) / (got / row["scaling"]).sqrt()[:, None]
+        assert rel_err(Vt @ Vt.T, torch.eye(4, dtype=torch.float64)) < 1e-5, name
+
     residual = AutoModelForCausalLM.from_pretrained(tmp_path / "residual")
     w0 = original.model.layers[0].mlp.down_proj.weight
     assert rel_err(residual.model.layers[0].mlp.down_proj.weight, w0) > 1e-4  # really the residual

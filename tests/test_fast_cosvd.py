@@ -31,8 +31,11 @@ from corda_kernels.ops.cosvd import (
 from .conftest import rel_err
 
 FIXTURE = Path(__file__).parent / "data" / "cosvd_real.safetensors"
-SV_TOL = {"top": 1e-3, "bottom": 5e-3}
+SV_TOL = {"top": 1e-3, "bottom": 5e-3}  # a ceiling; each result must also meet its own certified bound
 GAP_FOR_COSINES = 1.02  # sinθ ≤ ‖residual‖/gap: with residuals ~1e-4, a 2 % gap pins the subspace
+# Rayleigh–Ritz values err by ~‖residual‖²/(σ·gap): where the crop has a 5 % gap, the values are
+# held to what the README and the drop-in claim (≤ 1e-6; seen ≤ 2.2e-7 over many seeds here)
+WELL_SEPARATED, SV_TOL_SEPARATED = 1.05, 1e-6
 
 
 def _real() -> dict[str, torch.Tensor]:
@@ -130,6 +133,8 @@ def check(
     ref = crop(ref_full, r, which)
     c = compare_triplets(got, ref, W=W, C_fix=C_fix, which=which)
     assert c["sv_rel_err"] <= SV_TOL[which], (c, info)
+    if gap_at(ref_full[1], r, which) >= WELL_SEPARATED:
+        assert c["sv_rel_err"] <= SV_TOL_SEPARATED, (c, info)
     assert c["energy_rel_excess"] <= 1e-3, (c, info)
     if gap_at(ref_full[1], r, which) >= GAP_FOR_COSINES:
         assert c["u_cos_min"] >= 0.9999, (c, info)

@@ -23,7 +23,6 @@ from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda as peft_preprocess
 
 from corda_kernels.engine import cache
-from corda_kernels.engine.adapters import build_adapter
 from corda_kernels.engine.layers import in_features, linear_weight
 from corda_kernels.ops.cosvd import BOTTOM_TOL, TOP_TOL, principal_cosines
 from corda_kernels.peft import preprocess_corda, set_calibration_mask, target_modules, weights_key
@@ -47,7 +46,10 @@ def lora_config(targets, method, **kw):  # noqa: ANN001, ANN201
 
 
 def float64_truth(module, C: torch.Tensor, method: str, r: int, scaling: float):  # noqa: ANN001, ANN201
-    """A, B, W_res from a float64 CO-SVD of ``C`` (damped by PEFT's rule, in float32 as PEFT does)."""
+    """A, B, W_res from a float64 CO-SVD of ``C`` (damped by PEFT's rule, in float32 as PEFT does),
+    written here from the definitions (the paper's and PEFT's), none of the library's helpers:
+    ``W·C_fix = U Σ Vhᵀ``, ``V = C_fix⁻¹·Vhᵀ``, ``A = diag(√(S/s))·Vᵀ``, ``B = U·diag(√(S/s))``,
+    ``W_res = W − s·B·A``."""
     C = C.float()
     damp = 0.01
     while True:
@@ -57,9 +59,12 @@ def float64_truth(module, C: torch.Tensor, method: str, r: int, scaling: float):
         damp *= 2
     W = linear_weight(module).double()
     U, S, Vh = torch.linalg.svd(W @ C_fix.double(), full_matrices=False)
-    V = torch.linalg.solve(C_fix.double(), Vh.T)
+    V = torch.linalg.inv(C_fix.double()) @ Vh.T
     sl = slice(0, r) if method == "ipm" else slice(S.numel() - r, S.numel())
-    return build_adapter(W, U[:, sl], S[sl], V[:, sl], scaling)
+    root = (S[sl] / scaling).sqrt()
+    A = root[:, None] * V[:, sl].T
+    B = U[:, sl] * root[None, :]
+    return A.float(), B.float(), (W - scaling * (B @ A)).float()
 
 
 def adapter_values(B: torch.Tensor) -> torch.Tensor:
