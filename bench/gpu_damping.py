@@ -1,5 +1,5 @@
 """GPU suite module: the damped-inverse search, triton backend (fused shift + fused residual
-check) against the torch backend (same rule, DESIGN §3.2).
+check) against the torch backend (same rule, docs/design.md §2).
 
 ``run(device)`` returns rows ``{kernel, shape, ours_ms, ref_ms, ratio, max_err, note}``.
 Per step and matrix the rule costs one LU inverse (~2n³ flops, cuSOLVER, the same call on both

@@ -1,4 +1,4 @@
-"""NF4 quantize / pack / dequantize against bitsandbytes and float64 references (DESIGN §4).
+"""NF4 quantize / pack / dequantize against bitsandbytes and float64 references (docs/design.md §6).
 
 Every test draws fresh random data from the ``gen`` fixture. The byte-exact tests compare with
 ``bitsandbytes.functional.quantize_4bit`` on the CPU; the CUDA-arithmetic flavour (what

@@ -7,7 +7,7 @@ Calibrate on the first half of a text, discard the bottom components of every ta
 * ``asvd``: SVD of ``W·D`` with ``D = diag(mean|x|^0.5 + 1e-6)`` (the original CorDA code's
   ASVD mode, α = 0.5), ``V̂ = D⁻¹V``.
 * ``co-svd``: SVD of ``W·C_fix`` (CorDA's damped covariance), ``V̂ = C_fix⁻¹V``.
-* ``co-svd+``: co-svd with dynamic ranks (progressive filtering, DESIGN §3.5) at the
+* ``co-svd+``: co-svd with dynamic ranks (progressive filtering, docs/design.md §5) at the
   parameter budget of discarding ``k`` everywhere.
 * ``co-svd++``: co-svd+ on the covariance each layer selects among K calibration rounds.
 

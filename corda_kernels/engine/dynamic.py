@@ -1,4 +1,4 @@
-"""CorDA++ (DESIGN §3.5): compactness, dynamic covariance selection, dynamic rank allocation.
+"""CorDA++ (docs/design.md §5): compactness, dynamic covariance selection, dynamic rank allocation.
 
 * **Compactness** ``π(C) = √(m·λ_max(C)) / λ_min(C)`` of a layer's damped covariance; truncating
   the bottom ``r`` CO-SVD components moves any output by at most ``σ_(r)·π`` with ``σ_(r)``
@@ -101,7 +101,7 @@ class LayerSpectrum:
 
 
 def progressive_filter(layers: Sequence[LayerSpectrum], budget: float, keep: str) -> dict[str, int]:
-    """Progressive filtering (DESIGN §3.5); returns the number ``p_l`` of filtered components per layer.
+    """Progressive filtering (docs/design.md §5); returns the number ``p_l`` of filtered components per layer.
 
     ``keep="filtered"`` (KPM, truncation study): filter until ``Σ p_l·w_l ≥ budget``.
     ``keep="remaining"`` (IPM): filter until ``Σ (k_l − p_l)·w_l ≤ budget``.

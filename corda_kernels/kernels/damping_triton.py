@@ -1,6 +1,6 @@
 """Triton support for CorDA's damped-inverse search (the ``triton`` backend of ``damped_inverse``).
 
-The rule is the torch backend's, step for step (DESIGN §3.2, :mod:`corda_kernels.ops.damping`):
+The rule is the torch backend's, step for step (docs/design.md §2, :mod:`corda_kernels.ops.damping`):
 ``C_fix = C + damp·mean(diag C)·I`` in float32, ``C_inv = inv(C_fix)``, accept when
 ``‖C_fix·C_inv − I‖_F < threshold``, else ``damp *= 2``; batched over the matrices still
 searching. Two kernels take the memory traffic out of each step:

@@ -1,4 +1,4 @@
-"""NF4 quantize / pack / dequantize, byte-exact with bitsandbytes (DESIGN §4), and the fused residual.
+"""NF4 quantize / pack / dequantize, byte-exact with bitsandbytes (docs/design.md §6), and the fused residual.
 
 Format. The flattened tensor is cut into blocks of ``blocksize`` consecutive elements (a partial
 last block is its own block); ``absmax`` per block in fp32. Each value is scaled by the block's
@@ -41,7 +41,7 @@ VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# The 16 NF4 levels (DESIGN §4), exactly representable in fp32.
+# The 16 NF4 levels (docs/design.md §6), exactly representable in fp32.
 NF4_LEVELS = (
     -1.0,
     -0.6961928009986877,
@@ -321,7 +321,7 @@ def _blockwise8_dequantize_torch(codes: torch.Tensor, absmax: torch.Tensor, bloc
 
 
 def residual(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``(W − scaling·B·A)`` computed in fp32 and returned in ``W``'s dtype (DESIGN §3.4).
+    """``(W − scaling·B·A)`` computed in fp32 and returned in ``W``'s dtype (docs/design.md §4).
 
     The same expression as :func:`corda_kernels.engine.adapters.build_adapter`'s ``W_res``
     (``(W.float() − s·(B @ A)).to(W.dtype)``), so quantizing either gives the same bytes.

@@ -1,6 +1,6 @@
 """Cheap spectra for CorDA++: values only, no singular vectors, no full SVD per candidate.
 
-What CorDA++ needs per candidate covariance (DESIGN §3.5):
+What CorDA++ needs per candidate covariance (docs/design.md §5):
 
 * ``λ_min`` / ``λ_max`` of the damped covariance ``C_fix`` ``(n, n)``: a float64
   ``eigvalsh`` (values only). ``C_fix = C + δ·I`` so they are shared by every layer that reads

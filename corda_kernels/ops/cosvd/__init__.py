@@ -11,7 +11,7 @@ The fast paths give the top ``r`` (IPM) or bottom ``r`` (KPM) triplets of ``M = 
 Shapes: ``W`` ``(m, n)`` or a batch ``(B, m, n)`` of same-shaped layers, ``C_fix`` ``(n, n)`` /
 ``(B, n, n)`` (already damped, symmetric positive definite); ``k = min(m, n)``. Every entry
 point returns float32 ``U`` ``(…, m, r)``, ``S`` ``(…, r)`` descending and ``V`` ``(…, n, r)``
-with ``V = (Vh·C_fix⁻¹)ᵀ`` restricted to the chosen triplets (DESIGN §3.3), plus a list of
+with ``V = (Vh·C_fix⁻¹)ᵀ`` restricted to the chosen triplets (docs/design.md §3), plus a list of
 per-matrix ``info`` dicts (method, iterations, accuracy estimates).
 
 Top ``r`` (:func:`top_r`): randomized block Krylov iteration on ``M`` applied implicitly as

@@ -59,7 +59,7 @@ def compare_triplets(
 def triplets_from_adapter(
     A: torch.Tensor, B: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Recover ``(U, S, V)`` from CorDA adapters ``A`` ``(r, n)``, ``B`` ``(m, r)`` (DESIGN §3.4).
+    """Recover ``(U, S, V)`` from CorDA adapters ``A`` ``(r, n)``, ``B`` ``(m, r)`` (docs/design.md §4).
 
     ``B = U diag(√(S/s))`` with unit columns ``U``, so ``S_i = s·‖B_i‖²``, ``U_i = B_i/‖B_i‖`` and
     ``V_i = A_iᵀ/‖B_i‖``. Returns float64 ``U`` ``(m, r)``, ``S`` ``(r,)``, ``V`` ``(n, r)``.
