@@ -286,10 +286,9 @@ def _residual_rows(device: str) -> list[dict[str, Any]]:
         # the residual itself differs between the fused tile order and the GEMM by at most the
         # rank-r product's rounding, γ_r·s·(|B|·|A|) per element, plus its cast to W's dtype
         exact = W.double() - s * (B.double() @ A.double())
-        u = torch.finfo(torch.float32 if ab_dtype == torch.float32 else torch.bfloat16).eps / 2
-        spread = (r * u / (1 - r * u)) * s * (B.double().abs() @ A.double().abs()) + exact.abs() * torch.finfo(
-            W.dtype
-        ).eps
+        u = torch.finfo(torch.float32).eps / 2  # both sides accumulate in fp32 (bf16 products are exact there)
+        spread = (r * u / (1 - r * u)) * s * (B.double().abs() @ A.double().abs())
+        spread += exact.abs() * torch.finfo(W.dtype).eps  # the cast of each side's residual to W's dtype
         d, bad = _unexplained(exact, ref_s.absmax, _codes(packed), _codes(ref_p), slack=spread.reshape(-1))
         ours = timeit(lambda W=W, B=B, A=A, s=s: ck.nf4_quantize_residual(W, B, A, s, blocksize=BLOCKSIZE), device)
         ref = timeit(unfused, device)
