@@ -102,6 +102,41 @@ def test_study_tiny_llama(tmp_path, gen: torch.Generator) -> None:  # noqa: ANN0
         for n, m in mods.items():
             m.weight.copy_(before[n])
     assert get("plain-svd", 4, "lee")["ppl"] == pytest.approx(ref, rel=1e-5)
+    # ASVD and CO-SVD at k = 4 against truncations computed here from the definitions: the layer
+    # inputs captured on the calibration windows (the first 6 × 16 tokens), PEFT's per-sequence
+    # normalization and damping rule, float64 SVDs, the bottom 4 components removed
+    calib = corpora["lee"][: 6 * 16].view(6, 16)
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0].detach().double()))
+             for n, m in mods.items()]  # fmt: skip
+    with torch.no_grad():
+        model.model(calib)
+    for h in hooks:
+        h.remove()
+    for method in ("asvd", "co-svd"):
+        with torch.no_grad():
+            for n, m in mods.items():
+                X, W = inputs[n], m.weight.double()
+                if method == "asvd":
+                    D = X.abs().mean((0, 1)) ** 0.5 + 1e-6
+                    U, S, Vh = torch.linalg.svd(W * D, full_matrices=False)
+                    Vhat = Vh / D  # rows of (D⁻¹V)ᵀ
+                else:
+                    peaks = X.amax((1, 2)).abs()
+                    C = (torch.einsum("sti,stj->ij", X / peaks[:, None, None], X / peaks[:, None, None]) / 6).float()
+                    damp = 0.01
+                    while True:  # PEFT's rule, in float32 as PEFT evaluates it
+                        C_fix = C + torch.diag(torch.ones(C.shape[0]) * torch.mean(torch.diag(C)) * damp)
+                        if torch.dist(C_fix @ torch.linalg.inv(C_fix), torch.eye(C.shape[0])).item() < 0.05:
+                            break
+                        damp *= 2
+                    U, S, Vh = torch.linalg.svd(W @ C_fix.double(), full_matrices=False)
+                    Vhat = torch.linalg.solve(C_fix.double(), Vh.T).T
+                m.weight.copy_(W - (U[:, -4:] * S[-4:]) @ Vhat[-4:])
+            ref = _ref_ppl(model, held_out)
+            for n, m in mods.items():
+                m.weight.copy_(before[n])
+        assert get(method, 4, "lee")["ppl"] == pytest.approx(ref, rel=1e-4), method
     # truncation changes perplexity, and the dynamic methods use the same parameter budget
     assert get("plain-svd", 8, "lee")["ppl"] != get("plain-svd", 0, "lee")["ppl"]
     widths = max(sum(m.weight.shape) for m in mods.values())
