@@ -86,7 +86,7 @@ class Accumulator:
         return twin
 
     # -- applying samples ------------------------------------------------------------------
-    def apply(self, sample: _Sample, name: str) -> None:
+    def apply(self, sample: _Sample) -> None:
         """Add ``sample`` to the sums (PEFT's normalization per sequence, padding masked)."""
         x3, mask, bucket = sample.x3, sample.mask, sample.bucket
         B, L, n = x3.shape
@@ -282,7 +282,7 @@ class CovarianceCollector:
                 self.acc_of[m] = twin
             acc.members = [m for m in acc.members if m in pend.consumed]
             self._recent.append(twin)
-        acc.apply(pend, acc.members[0])
+        acc.apply(pend)
 
     def _batch_mask(self, B: int, L: int, device: torch.device, name: str) -> torch.Tensor | None:
         if self._mask is None:
