@@ -52,7 +52,10 @@ def options(tiny_dir: Path, out: Path, **kw) -> InitOptions:  # noqa: ANN003
 def test_init_writes_loadable_peft_adapter(tiny_dir: Path, tmp_path: Path, mode: str) -> None:
     from peft import PeftModel
 
-    report = run_init(options(tiny_dir, tmp_path, mode=mode, alpha=8))
+    with warnings.catch_warnings(record=True) as caught:  # PEFT has nothing to warn about while saving
+        warnings.simplefilter("always")
+        report = run_init(options(tiny_dir, tmp_path, mode=mode, alpha=8))
+    assert not [str(w.message) for w in caught if "peft" in w.filename], [str(w.message) for w in caught]
     assert report.verify["logits_rel_err"] < 1e-5
     assert len(report.layers) == 14 and all(v["rank"] == 4 for v in report.layers.values())
     saved = json.loads((tmp_path / "report.json").read_text())

@@ -26,6 +26,7 @@ caches, reports and resumption around them.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -186,8 +187,8 @@ def export(
     model.save_pretrained(residual_dir)
     tokenizer.save_pretrained(residual_dir)
     # get_peft_model names the model's own name_or_path as the adapter's base model: the residual
-    # directory, which is what the adapter must be loaded onto
-    model.name_or_path = str(base_model or residual_dir.resolve())
+    # directory, which is what the adapter must be loaded onto (PEFT reads its config while saving)
+    model.name_or_path = str(residual_dir.resolve())
     peft_model = get_peft_model(model, lora_config)
     layers = dict(peft_model.named_modules())
     with torch.no_grad():
@@ -196,6 +197,14 @@ def export(
             layer.lora_A["default"].weight.copy_(A)
             layer.lora_B["default"].weight.copy_(B)
     peft_model.save_pretrained(adapter_dir)
+    if base_model is not None:  # where the residual will finally live
+        config_path = adapter_dir / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = str(base_model)
+        tmp = config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+        os.replace(tmp, config_path)
+        peft_model.peft_config["default"].base_model_name_or_path = str(base_model)
     return peft_model
 
 
