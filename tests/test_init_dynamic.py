@@ -79,3 +79,27 @@ def test_init_dynamic_tiny(mode: str, tmp_path: Path, gen: torch.Generator) -> N
             assert lora and lora[0].r["default"] == r
             assert lora[0].scaling["default"] == pytest.approx(8.0 / 4)
     assert set(cfg.target_modules) == {n for n, r in ranks.items() if r > 0}
+    # the adapters themselves against a float64 CO-SVD of each layer's chosen candidate covariance:
+    # s·‖B_i‖² are the cropped singular values of W·C_fix (B = U·diag(√(S/s)) with unit U)
+    from safetensors.torch import load_file
+
+    from corda_kernels.ops.damping import fix_covariance
+
+    stored = torch.load(tmp_path / "out" / "covariance.pt", weights_only=False)["data"]
+    lora_w = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    weights = dict(original.named_parameters())
+    chosen = {r["name"]: r["candidate"] for r in extra["layers"]}
+    checked = 0
+    for name, r in ranks.items():
+        if r == 0:
+            continue
+        C = stored["covariances"][name] if chosen[name] < 0 else stored["candidates"][name][chosen[name]]
+        row = report.layers[name]
+        C_fix = fix_covariance(C[None].float(), torch.tensor([row["damp"]], dtype=torch.float64))[0].double()
+        S = torch.linalg.svdvals(weights[f"{name}.weight"].double() @ C_fix)
+        ref = S[:r] if mode == "ipm" else S[-r:]
+        B = lora_w[f"base_model.model.{name}.lora_B.weight"].double()
+        got = row["scaling"] * B.norm(dim=0) ** 2
+        assert float(((got - ref).abs() / ref).max()) < 1e-6, name
+        checked += 1
+    assert checked == sum(1 for r in ranks.values() if r > 0) > 0
