@@ -110,9 +110,8 @@ class Accumulator:
             self.weight.index_add_(0, bucket.cpu(), counts)
         self.samples += 1
         self.last = sample.ref
-        rows = B * L if mask is None else None
-        if bucket is None and self.rounds == 1 and mask is None and rows is not None and rows < _DIRECT_ROWS:
-            self._buffer(x3.reshape(rows, n), None if row_scale is None else row_scale.repeat_interleave(L))
+        if bucket is None and mask is None and B * L < _DIRECT_ROWS:  # bucket is None exactly when rounds == 1
+            self._buffer(x3.reshape(B * L, n), None if row_scale is None else row_scale.repeat_interleave(L))
             return
         scale = None if row_scale is None else row_scale.square()
         self._gemm(x3, mask, scale, bucket)
@@ -219,7 +218,7 @@ class CovarianceCollector:
 
         return hook
 
-    def _join(self, name: str, x: torch.Tensor) -> Accumulator | None:
+    def _join(self, x: torch.Tensor) -> Accumulator | None:
         """An accumulator whose whole history is this very input (a layer reading the same tensor)."""
         if not self.share_inputs:
             return None
@@ -240,7 +239,7 @@ class CovarianceCollector:
         acc = self.acc_of.get(name)
         if acc is None:
             self.order.append(name)
-            acc = self._join(name, x)
+            acc = self._join(x)
             if acc is not None:  # its whole history is this input: nothing to add
                 acc.members.append(name)
                 self.acc_of[name] = acc

@@ -169,10 +169,13 @@ def _decide(
         # the very inverse the literal rule takes: torch's inv is a solve with the identity on
         # the same LU (bit-identical), so the screen's factors are reused instead of refactored
         eye = torch.eye(sub.shape[-1], dtype=sub.dtype, device=sub.device).expand_as(sub)
-        sub_LU, sub_piv = (LU, pivots) if whole else (LU[idx.to(LU.device)], pivots[idx.to(pivots.device)])
-        sub_inv, sub_info = lu_solve(sub_LU, sub_piv, eye), info if whole else info[idx.to(info.device)]
+        if whole:
+            sub_LU, sub_piv, sub_info = LU, pivots, info
+        else:
+            sub_LU, sub_piv, sub_info = LU[idx.to(LU.device)], pivots[idx.to(pivots.device)], info[idx.to(info.device)]
+        sub_inv = lu_solve(sub_LU, sub_piv, eye)
         if inverse:
-            inv = sub_inv if bool(need.all()) else inv.index_copy_(0, idx.to(fixed.device), sub_inv)
+            inv = sub_inv if whole else inv.index_copy_(0, idx.to(fixed.device), sub_inv)
         sel = unsure[idx]
         if bool(sel.any()):
             s_dev = sel.to(fixed.device)
@@ -227,17 +230,15 @@ def check_residual(fixed: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor
     n = fixed.shape[-1]
     u = torch.finfo(torch.float32).eps / 2
     A, X = fixed.double(), inv.double()
-    exact = A @ X
-    E = (fixed.float() @ inv.float()).double() - exact
-    P = exact
+    P = A @ X  # the exact product; the identity is subtracted after E is taken
+    E = (fixed.float() @ inv.float()).double() - P
     P.diagonal(dim1=-2, dim2=-1).sub_(1)
     r = torch.linalg.matrix_norm(P)
     gamma = n * u / (1 - n * u)
     worst = gamma * torch.linalg.matrix_norm(A.abs() @ X.abs())
     r_safe = r.clamp_min(torch.finfo(torch.float64).tiny).view(-1, 1, 1)
-    model = ORDER_SIGMAS * 2**0.5 * torch.linalg.matrix_norm(P / r_safe * E) + 2 * E.square().sum(
-        (-2, -1)
-    ) / r_safe.view(-1)
+    spread = ORDER_SIGMAS * 2**0.5 * torch.linalg.matrix_norm(P / r_safe * E)
+    model = spread + 2 * E.square().sum((-2, -1)) / r_safe.view(-1)
     prod = torch.minimum(worst, model) + u * (r + n**0.5)
     levels = math.ceil(math.log2(max(n * n, 2))) + 1
     rho = prod + levels * u / (1 - levels * u) * (r + prod)
@@ -266,14 +267,15 @@ def rule_allows(
         if abs(steps - round(steps)) > 1e-9 or steps < -1e-9:
             problems.append(f"matrix {b}: damp {d:g} is not {damp:g}·2^k")
             continue
-        for k in range(round(steps) + 1):
+        last = round(steps)
+        for k in range(last + 1):
             fixed = fix_covariance(C[b : b + 1], torch.tensor([damp * 2.0**k], dtype=torch.float64))
             inv, info = inv_ex(fixed)
             r, rho = check_residual(fixed, inv)
             r, rho = float(r[0]), float(rho[0])
-            if k < round(steps) and int(info[0]) == 0 and r + rho < threshold:
+            if k < last and int(info[0]) == 0 and r + rho < threshold:
                 problems.append(f"matrix {b}: damp {damp * 2.0**k:g} passes the check surely (r = {r:.3g} ± {rho:.2g})")
-            if k == round(steps) and (int(info[0]) != 0 or r - rho >= threshold):
+            if k == last and (int(info[0]) != 0 or r - rho >= threshold):
                 problems.append(f"matrix {b}: damp {d:g} fails the check surely (r = {r:.3g} ± {rho:.2g})")
     return problems
 
