@@ -26,6 +26,8 @@ from .engine.calibration import CovarianceCollector
 from .engine.layers import in_features, linear_weight, target_modules
 from .engine.pipeline import check_ranks, decompose_layers
 
+weights_key = cache.fingerprint_model  # the content key of the weights the drop-in's caches record
+
 _ACTIVE: list[CovarianceCollector] = []
 
 
@@ -60,10 +62,12 @@ def collect_covariances(
     normalization: str = "peft",
     share_inputs: bool = True,
     counts: dict[str, int] | None = None,
+    model_weights: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Covariances of the target layers: from ``covariance_file`` when it matches, else by calibration.
 
-    ``counts``, when given, receives each target's number of calibration calls (PEFT's ``sample_count``).
+    ``counts``, when given, receives each target's number of calibration calls (PEFT's ``sample_count``);
+    ``model_weights`` is the running model's :func:`weights_key` when the caller already has it.
     """
     cov_file = lora_config.corda_config.covariance_file
     meta = {
@@ -72,7 +76,7 @@ def collect_covariances(
         "in_features": {name: in_features(m) for name, m in targets.items()},
         # the activations depend on every weight of the model that runs (the calibration data
         # behind run_model cannot be keyed: a covariance file stands for the data it was made from)
-        "model_weights": weights_key(model if hooked_model is None else hooked_model),
+        "model_weights": model_weights or weights_key(model if hooked_model is None else hooked_model),
     }
     if cache.exists(cov_file):
         return cache.load_checked(cov_file, "covariance", meta)
@@ -102,11 +106,6 @@ def collect_covariances(
     if cov_file is not None:
         cache.save_atomic(cov_file, "covariance", meta, covs)
     return covs
-
-
-def weights_key(model: nn.Module) -> str:
-    """The content key of a model's weights that the drop-in's caches record (every parameter, sampled)."""
-    return cache.fingerprint_tensors(dict(model.named_parameters()))
 
 
 def _as_float16(covs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -163,7 +162,7 @@ def preprocess_corda(
         "normalization": normalization,
         "method": method,
         "shapes": {name: list(linear_weight(m).shape) for name, m in targets.items()},
-        "model_weights": weights_key(model if hooked_model is None else hooked_model),
+        "model_weights": weights_key(model if hooked_model is None else hooked_model),  # once per call
     }
     CordaEigens = _eigens_class()
 
@@ -187,6 +186,7 @@ def preprocess_corda(
         normalization=normalization,
         share_inputs=share_inputs,
         counts=counts,
+        model_weights=meta["model_weights"],
     )
     stored: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     layers = decompose_layers(

@@ -125,7 +125,7 @@ def covariance_meta(
     that change the sums. Paths are no part of it: the same model or text under another path is the
     same input, and new weights or text under the same path are not."""
     return {
-        "model_weights": cache.fingerprint_tensors(dict(model.named_parameters())),
+        "model_weights": cache.fingerprint_model(model),
         "tokens": cache.fingerprint_ids(ids),
         "normalization": opts.normalization,
         "rounds": rounds,

@@ -91,6 +91,11 @@ def fingerprint_tensors(tensors: dict[str, torch.Tensor], samples: int = 4096) -
     return h.hexdigest()
 
 
+def fingerprint_model(model: torch.nn.Module) -> str:
+    """The content key of a model's weights: :func:`fingerprint_tensors` of every named parameter."""
+    return fingerprint_tensors(dict(model.named_parameters()))
+
+
 def fingerprint_ids(ids: torch.Tensor) -> str:
     """A content key of calibration token ids: every id, in order, and the shape."""
     h = hashlib.sha256(f"{tuple(ids.shape)}|".encode())
