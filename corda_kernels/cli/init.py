@@ -211,17 +211,15 @@ def check_inputs(opts: InitOptions) -> Inputs:
         ) from err
     layers = linear_layers(skeleton)
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in layers})
-    if tuple(opts.targets) == (ALL_LINEAR,):
-        targets = tuple(suffixes)
-    else:
-        targets = tuple(opts.targets)
-        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]
-        if unmatched or not targets:
-            raise ValueError(
-                f"--targets {','.join(unmatched) or '(empty)'} matched no nn.Linear / Conv1D of the model; "
-                f"its layers are named {', '.join(suffixes)} (or use {ALL_LINEAR})"
-            )
-    chosen = {n: m for n, m in layers.items() if any(n == t or n.endswith("." + t) for t in targets)}
+    targets = tuple(suffixes) if tuple(opts.targets) == (ALL_LINEAR,) else tuple(opts.targets)
+    # the very layers the run will adapt, by PEFT's own matching (engine.layers.target_modules)
+    chosen = target_modules(skeleton, lora_config(replace(opts, targets=targets))) if targets else {}
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in chosen)]
+    if unmatched or not chosen:
+        raise ValueError(
+            f"--targets {','.join(unmatched) or '(empty)'} matched no nn.Linear / Conv1D of the model; "
+            f"its layers are named {', '.join(suffixes)} (or use {ALL_LINEAR})"
+        )
     smallest = min(chosen.items(), key=lambda kv: min(linear_weight(kv[1]).shape))
     k = min(linear_weight(smallest[1]).shape)
     if opts.rank > k:
