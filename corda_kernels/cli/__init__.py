@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 
-from .init import DEFAULT_TARGETS, InitOptions, run_init
+from .init import DEFAULT_TARGETS, InitOptions, first_line, run_init
 
 # Subcommands registered by other modules: name -> (add_arguments, run)
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -116,12 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         known = isinstance(err, (ValueError, FileNotFoundError, RuntimeError, OSError))
-        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(
-            f"corda-kernels {args.command}: error: {message if known else f'{type(err).__name__}: {message}'}"
-            + ("" if known else " (--debug shows where)"),
-            file=sys.stderr,
-        )
+        message = first_line(err, with_type=not known) + ("" if known else " (--debug shows where)")
+        print(f"corda-kernels {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

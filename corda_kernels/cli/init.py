@@ -200,14 +200,14 @@ def check_inputs(opts: InitOptions) -> Inputs:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as err:  # noqa: BLE001  (transformers raises many kinds; all mean the same here)
         raise ValueError(
-            f"--model {model_dir}: not a loadable transformers model directory ({_first_line(err)})"
+            f"--model {model_dir}: not a loadable transformers model directory ({first_line(err)})"
         ) from err
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
     except Exception as err:  # noqa: BLE001
         raise ValueError(
-            f"--model {model_dir}: transformers cannot build a causal LM from its config ({_first_line(err)})"
+            f"--model {model_dir}: transformers cannot build a causal LM from its config ({first_line(err)})"
         ) from err
     layers = linear_layers(skeleton)
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in layers})
@@ -239,9 +239,11 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException, *, with_type: bool = True) -> str:
+    """The first line of ``err``'s message, after its type name unless ``with_type`` is false."""
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    line = text[0] if text else ""
+    return f"{type(err).__name__}: {line}".rstrip(": ") if with_type else line
 
 
 VERIFY_TOLERANCE = 1e-3  # logits after init against before, relative: beyond it the output is not moved into place
