@@ -120,3 +120,35 @@ def guarded(rows: list[dict[str, Any]], label: str, fn: Callable[[], list[dict[s
         rows.append(row(label, "-", note=f"ERROR {type(e).__name__}: {e}"[:300]))
     finally:
         ck.set_backend("auto")
+
+
+def gram_reference(C0: torch.Tensor, x: torch.Tensor, mask=None, scale=None, bucket=None):  # noqa: ANN001, ANN201
+    """float64 ``C0 + Σ_b s_b·X_bᵀX_b`` over unmasked tokens (per buffer ``bucket[b]``) and the
+    elementwise bound of any fp32 evaluation of it: ``γ_{T+3}·(|C0| + Σ_b s_b·|X_b|ᵀ|X_b|)``.
+
+    ``γ_m = m·u/(1 − m·u)`` with ``u = 2⁻²³``, the unit roundoff of truncating fp32 adds, so the bound
+    holds for any accumulation order and rounding mode (tensor cores included), for rounded fp32
+    products of fp32 inputs, and for the final add into ``C0``. A check passes when
+    ``max |C − ref| / bound ≤ 1``: wrong indexing, lost tokens or precision loss beyond fp32 fail it.
+    """
+    xd = x.double()
+    if mask is not None:
+        xd = xd * mask.double().unsqueeze(-1)
+    w = scale.double() if scale is not None else torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
+    ref, absref = C0.double().clone(), C0.double().abs()
+    for b in range(x.shape[0]):
+        prod, aprod = w[b] * (xd[b].T @ xd[b]), w[b] * (xd[b].abs().T @ xd[b].abs())
+        if bucket is None:
+            ref += prod
+            absref += aprod
+        else:
+            ref[int(bucket[b])] += prod
+            absref[int(bucket[b])] += aprod
+    m = x.shape[0] * x.shape[1] + 3
+    u = 2.0**-23
+    return ref, m * u / (1 - m * u) * absref + torch.finfo(torch.float64).tiny
+
+
+def bound_ratio(C: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> float:
+    """``max |C − ref| / bound`` (NaN in C gives NaN, which fails any ``≤ 1`` check)."""
+    return float(((C.double() - ref).abs() / bound).max())

@@ -12,6 +12,10 @@ ours is faster) and prints one markdown table. A module that raises becomes an E
 module started after the time budget (default 270 s) is skipped, so the whole run stays under
 5 minutes. Rows whose note starts with FAIL or ERROR make the exit status 1.
 
+With ``--build`` it first builds the compiled extension (``CMakeLists.txt``: the CUDA kernels for
+the device's architecture and the torch bindings) into ``corda_kernels/``; the build's time and
+outcome are the table's first row.
+
 Dry run on the CPU (exercises the flow, numbers meaningless)::
 
     TRITON_INTERPRET=1 CORDA_GPU_SUITE_SMALL=1 PYTHONPATH=. python bench/gpu_suite.py --device cpu
@@ -69,6 +73,58 @@ def device_info(device: str) -> str:
     return info
 
 
+def build_extension(device: str) -> dict[str, Any]:
+    """Build ``corda_kernels/_C`` with CMake for this device's architecture; one result row."""
+    import shutil
+    import subprocess
+
+    root = HERE.parent
+    arch = "90a"
+    if torch.device(device).type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = f"{major}{minor}" + ("a" if major == 9 else "")
+    for old in (root / "corda_kernels").glob("_C*.so"):
+        old.unlink()
+    build = root / "build" / "gpu"
+    args = ["cmake", "-S", str(root), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCORDA_CUDA_ARCHS={arch}", f"-DCORDA_EXT_OUTPUT={root / 'corda_kernels' / '_C.so'}"]  # fmt: skip
+    if shutil.which("ninja"):
+        args += ["-G", "Ninja"]
+    t = time.perf_counter()
+    log = ""
+    try:
+        for cmd in (args, ["cmake", "--build", str(build), "--target", "_C", "-j", str(os.cpu_count() or 4)]):
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            log += done.stdout + done.stderr
+            if done.returncode:
+                raise RuntimeError(f"{' '.join(cmd[:2])} exited {done.returncode}")
+        note = f"CMake: built for sm_{arch} in {time.perf_counter() - t:.0f} s"
+    except Exception as e:
+        print(log[-6000:], file=sys.stderr, flush=True)
+        note = f"ERROR CMake {e}: " + " ".join(log.split()[-30:])
+        # the same sources through torch's own extension builder, so that the kernels still get measured
+        try:
+            from torch.utils.cpp_extension import load
+
+            csrc = root / "csrc"
+            load(
+                name="corda_kernels_C",
+                sources=[str(csrc / "torch_bindings.cpp"), str(csrc / "cpu" / "nf4_cpu.cpp")]
+                + [str(p) for p in sorted((csrc / "cuda").glob("*.cu"))],
+                extra_include_paths=[str(csrc / "include")],
+                extra_cflags=["-O3", "-ffp-contract=off", "-DCORDA_WITH_CUDA"],
+                extra_cuda_cflags=["-O3", "--fmad=false", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+                build_directory=str(build.parent),
+                is_python_module=False,
+                verbose=False,
+            )
+            # now loaded into this process: corda_kernels.kernels.compiled finds its ops registered
+            note = f"FALLBACK torch.utils.cpp_extension built it in {time.perf_counter() - t:.0f} s; " + note
+        except Exception as e2:
+            note += f"; fallback failed too: {type(e2).__name__}: {e2}"[:300]
+    return row("build: compiled extension (CMake)", f"sm_{arch}", note=note)
+
+
 def modules(only: list[str] | None) -> list[Path]:
     """``bench/gpu_*.py`` files other than this one, sorted; filtered by substrings in ``only``."""
     found = sorted(p for p in HERE.glob("gpu_*.py") if p.name != Path(__file__).name)
@@ -83,6 +139,7 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", help="run only modules whose name contains one of these")
     ap.add_argument("--budget-s", type=float, default=270.0, help="start no module after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_suite.json / .md ($OUT)")
+    ap.add_argument("--build", action="store_true", help="build the compiled extension first (CMake)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     device = args.device
@@ -91,6 +148,9 @@ def main() -> int:
         return 2
     print(device_info(device), flush=True)
     rows: list[dict[str, Any]] = []
+    if args.build:
+        rows.append(build_extension(device))
+        print(rows[-1]["note"], flush=True)
     ceil = ceilings(device)
     rows.append(
         row(

@@ -3,10 +3,10 @@
 Every operation is one ``torch.library`` custom op (namespace ``corda_kernels``) with a
 schema and a fake kernel. Its real kernel is a small dispatcher that picks an
 implementation from a registry keyed by backend name: ``torch`` (always present, the
-pure-torch path), ``triton`` and ``cuda`` (registered by the kernel modules when they
-can be imported). The backend is chosen with :func:`set_backend` or the environment
-variable ``CORDA_KERNELS_BACKEND``; ``auto`` takes the fastest one available for the
-tensors' device.
+pure-torch path), ``triton`` (the Triton kernels), ``cuda`` and ``cpp`` (the compiled CUDA and
+C++ CPU kernels of ``csrc/``), each registered by its kernel module when it can be loaded. The
+backend is chosen with :func:`set_backend` or the environment variable ``CORDA_KERNELS_BACKEND``;
+``auto`` takes, per op and device, the implementation measured fastest (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,19 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
-# Preference order of ``auto`` on CUDA tensors; on every other device ``auto`` is torch.
-_AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
+# Preference order of ``auto`` on CUDA tensors, as measured by bench/gpu_suite.py on an H200
+# (docs/benchmarks.md): the Triton kernels beat the CUDA ones on every op they share (the
+# covariance's wgmma pipeline most of all), and cuBLAS's product makes the torch damping check
+# faster than either fused check.
+_AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
+_AUTO_ORDER_CUDA_BY_OP: dict[str, tuple[str, ...]] = {"damped_inverse": ("torch",)}
+# On the CPU ``auto`` is torch except for the ops whose C++ kernel measured faster
+# (bench/bench_nf4_cpu.py): NF4 quantize and dequantize.
+_AUTO_ORDER_CPU_BY_OP: dict[str, tuple[str, ...]] = {
+    "nf4_quantize": ("cpp", "torch"),
+    "nf4_dequantize": ("cpp", "torch"),
+}
 
 LIB = torch.library.Library("corda_kernels", "DEF")
 _IMPLS: dict[str, dict[str, Callable[..., Any]]] = {}
@@ -34,7 +44,7 @@ def _check_name(name: str) -> str:
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for every op: ``auto``, ``torch``, ``triton`` or ``cuda``."""
+    """Select the backend for every op: ``auto``, ``torch``, ``triton``, ``cuda`` or ``cpp``."""
     global _backend
     _backend = _check_name(name)
 
@@ -90,7 +100,10 @@ def resolve(name: str, device: torch.device) -> Callable[..., Any]:
     impls = _IMPLS[name]
     backend = get_backend()
     if backend == "auto":
-        order = _AUTO_ORDER_CUDA if device.type == "cuda" else ("torch",)
+        if device.type == "cuda":
+            order = _AUTO_ORDER_CUDA_BY_OP.get(name, _AUTO_ORDER_CUDA)
+        else:
+            order = _AUTO_ORDER_CPU_BY_OP.get(name, ("torch",)) if device.type == "cpu" else ("torch",)
         for b in order:
             if b in impls:
                 return impls[b]
@@ -102,11 +115,24 @@ def resolve(name: str, device: torch.device) -> Callable[..., Any]:
         )
     if backend == "cuda" and device.type != "cuda":
         raise RuntimeError(f"corda_kernels: the cuda backend needs CUDA tensors (got {device})")
-    if backend == "cuda" and "cuda" not in impls:
-        # no compiled kernel for this op: running torch under the cuda name would say what is not so
+    if backend == "cpp" and device.type != "cpu":
+        raise RuntimeError(f"corda_kernels: the cpp backend runs on CPU tensors (got {device})")
+    if backend in ("cuda", "cpp") and backend not in impls and _COMPILED_OPS.get(backend) is None:
+        # the extension is not built: running torch under its name would say what is not so
         raise NotImplementedError(
-            f"corda_kernels: the cuda backend has no compiled kernel for {name} (built: "
-            f"{', '.join(available_backends(name))}); choose 'auto', 'triton' or 'torch'"
+            f"corda_kernels: the {backend} backend is not built (the compiled extension corda_kernels/_C "
+            f"is missing or has no {backend} kernels; built for {name}: {', '.join(available_backends(name))}); "
+            "choose 'auto', 'triton' or 'torch', or build it with `pip install -e .`"
         )
-    # An op that has no Triton kernel (an SVD, say) runs its torch path under the triton backend.
+    # An op without a kernel of its own in the chosen backend (an SVD, say) runs its torch path.
     return impls.get(backend, impls["torch"])
+
+
+# Set by corda_kernels.kernels.compiled: for "cpp" / "cuda", the ops whose kernels the loaded
+# extension provides (None when that backend was not built).
+_COMPILED_OPS: dict[str, tuple[str, ...] | None] = {"cpp": None, "cuda": None}
+
+
+def compiled_backends() -> dict[str, tuple[str, ...] | None]:
+    """For ``cpp`` and ``cuda``: the ops with a compiled kernel, or None where none was built."""
+    return dict(_COMPILED_OPS)

@@ -1,8 +1,10 @@
-"""Triton kernels, one module per op (kernel, launcher, registration for the ``triton`` backend).
+"""Kernels registered into the ops' backends.
 
-Every module here is imported when triton is importable; each registers its
-implementations with :func:`corda_kernels.backend.register_impl` and may expose
-``compile_specs()`` (the kernels and signatures the Hopper / Ampere compile check builds).
+* ``*_triton.py``: Triton kernels, one module per op (kernel, launcher, registration for the
+  ``triton`` backend), imported when triton is importable; each may expose ``compile_specs()``
+  (the kernels and signatures the Hopper / Ampere compile check builds).
+* ``compiled.py``: the CUDA and C++ kernels of ``csrc/`` (the ``cuda`` and ``cpp`` backends),
+  loaded from the built extension when there is one.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ try:
 except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
     HAS_TRITON = False
 
+from . import compiled  # noqa: E402,F401  (registers the cpp / cuda kernels when built)
+
 MODULES: list[str] = []
 if HAS_TRITON:
     for _info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{_info.name}")
-        MODULES.append(_info.name)
+        if _info.name.endswith("_triton"):
+            importlib.import_module(f"{__name__}.{_info.name}")
+            MODULES.append(_info.name)
