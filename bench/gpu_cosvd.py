@@ -1,4 +1,4 @@
-"""GPU suite module: the fast CO-SVD (issue 5) against PEFT's full-SVD path, batched layers.
+"""GPU suite module: the fast CO-SVD against PEFT's full-SVD path, batched layers.
 
 ``run(device)`` returns rows ``{kernel, shape, ours_ms, ref_ms, ratio, max_err, note}``.
 Inputs: ``B`` same-shaped layers (``W`` Gaussian, ``C`` from activations with four outlier

@@ -1,4 +1,4 @@
-"""GPU suite module: NF4 quantize-and-pack, dequantize and the fused residual → NF4 (issue 3).
+"""GPU suite module: NF4 quantize-and-pack, dequantize and the fused residual → NF4.
 
 Called by ``bench/gpu_suite.py`` as ``run(device) -> list[dict]``; rows
 ``{kernel, shape, ours_ms, ref_ms, ratio, max_err, note}`` with ``ratio = ref_ms / ours_ms``
@@ -12,7 +12,7 @@ What it checks and times (Triton backend against bitsandbytes' CUDA kernels, in 
   that differ: 0 means byte-exact. The note gives the fraction of the measured copy bandwidth
   (``torch.empty_like(x).copy_(x)``, bytes read + written, measured in the same run) that the
   Triton kernel reaches, counting the bytes it must move (weight read, nibbles + absmax written).
-  Targets (issue 3): ratio ≥ 1 and ≥ 70 % of copy bandwidth.
+  Targets: ratio ≥ 1 and ≥ 70 % of copy bandwidth.
 * ``nf4_quantize (torch path)``: our pure-torch implementation on CUDA tensors vs bitsandbytes
   (it uses an IEEE reciprocal where bitsandbytes' fast-math build uses ``rcp.approx``: codes may
   differ there, and only where the scaled value sits within rounding of a code boundary; each

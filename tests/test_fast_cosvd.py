@@ -3,7 +3,7 @@
 Inputs: real ``W``/``C`` of the embedded model (``tests/data/cosvd_real.safetensors``, made by
 ``python/make_test_fixtures.py``: a q_proj with ``κ(W·C_fix)`` ≈ 2e8 and a down_proj slice),
 synthetic activations with outlier channels (heavy head, long tail, fresh each run) and flat
-random spectra. Criteria (issue 5): singular values to 1e-3 (top) / 5e-3 (bottom) relative;
+random spectra. Criteria: singular values to 1e-3 (top) / 5e-3 (bottom) relative;
 principal cosines ≥ 0.9999 where the relative gap at ``r`` is ≥ 2 %, and always the energy
 criterion (the rank-``r`` part's error within 1e-3 of the optimal one); ``W = W_res + s·B·A``.
 """
