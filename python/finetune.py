@@ -4,8 +4,10 @@
 
 Loads ``OUT/residual`` (or, with ``--nf4``, replaces every adapted layer's weight by its NF4
 residual from ``OUT/residual_nf4.safetensors`` through bitsandbytes' ``Linear4bit``), attaches
-``OUT/adapter`` with PEFT as trainable, and trains the adapters on causal-LM loss over the
-text. Prints the loss every few steps; saves the trained adapter to ``OUT/adapter-trained``.
+``OUT/adapter`` with PEFT as trainable, and trains the adapters on causal-LM loss over the text
+with transformers' ``Trainer`` (``corda_kernels.finetune.train``), reporting held-out perplexity
+before and after. Saves the trained adapter to ``OUT/adapter-trained``. The comparison with LoRA,
+PiSSA, QLoRA and LoftQ is ``corda-kernels finetune`` (docs/finetuning.md).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from corda_kernels.engine import data
+from corda_kernels.finetune.train import Schedule, perplexity, train
 
 
 def load_nf4_residual(model: torch.nn.Module, path: Path) -> None:
@@ -51,6 +54,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--nf4", action="store_true", help="QCorDA: NF4 residual (needs init --quantize nf4)")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
     from peft import PeftModel
@@ -64,16 +68,13 @@ def main() -> None:
     model = PeftModel.from_pretrained(model, out / "adapter", is_trainable=True)
     model.print_trainable_parameters()
     n = args.steps * args.batch_size
-    ids = data.token_blocks(tokenizer, data.load_text(args.data), n, args.seq_len, offset=0)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr)
-    model.train()
-    for step, batch in enumerate(torch.split(ids, args.batch_size)):
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if step % 10 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.4f}")
+    text = data.load_text(args.data)
+    ids = data.token_blocks(tokenizer, text, n, args.seq_len, offset=0)
+    held_out = data.token_blocks(tokenizer, text, 16, args.seq_len, offset=n)
+    print(f"held-out perplexity before: {perplexity(model, held_out):.3f}")
+    schedule = Schedule(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    losses = train(model, ids, schedule, seed=args.seed, out_dir=str(out / ".trainer"))
+    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; held-out perplexity after: {perplexity(model, held_out):.3f}")
     model.save_pretrained(out / "adapter-trained")
 
 

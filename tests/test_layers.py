@@ -2,7 +2,8 @@
 
 Layers, bottom up: ``backend`` (op registry and dispatch) → ``ops`` (the operations, their torch
 reference and schema) → ``kernels`` (Triton implementations registered into the ops) → ``engine``
-(model layers, calibration, pipeline, CorDA++, adapters, caches) → front ends (``peft``, ``cli``).
+(model layers, calibration, pipeline, CorDA++, adapters, caches) → front ends (``peft``,
+``finetune``, ``cli``).
 A module may import its own layer or any layer below; the package root and ``__main__`` only
 gather. The engine reaches kernels only through the ops' dispatch, never by import.
 """
@@ -13,7 +14,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "corda_kernels"
-LAYERS = {"backend": 0, "ops": 1, "kernels": 2, "engine": 3, "peft": 4, "cli": 4}
+LAYERS = {"backend": 0, "ops": 1, "kernels": 2, "engine": 3, "peft": 4, "finetune": 4, "cli": 4}
 GATHERERS = {"corda_kernels", "corda_kernels.__main__"}
 
 

@@ -1,4 +1,4 @@
-"""The ``corda-kernels`` command: ``init`` (the main job), ``study``, ``bench``."""
+"""The ``corda-kernels`` command: ``init`` (the main job), ``study``, ``finetune``, ``bench``."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load_plugins() -> None:
     """Subcommands living in their own modules register themselves in SUBCOMMANDS on import."""
-    from . import study  # noqa: F401, PLC0415
+    from . import finetune, study  # noqa: F401, PLC0415
 
 
 if __name__ == "__main__":

@@ -170,6 +170,25 @@ def set_residual(module: nn.Module, W_res: torch.Tensor) -> None:
     linear_weight(module).data.copy_(W_res)
 
 
+def attach_adapters(
+    model: nn.Module,
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    lora_config,  # noqa: ANN001  (peft.LoraConfig naming the adapted layers exactly)
+) -> nn.Module:
+    """A PEFT model around ``model`` (its weights already the residuals) whose LoRA weights are
+    ``adapters`` ``{layer: (A (r, n), B (m, r))}``: the adapted model computes the original's function."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config)
+    layers = dict(peft_model.named_modules())
+    with torch.no_grad():
+        for name, (A, B) in adapters.items():
+            layer = layers[f"base_model.model.{name}"]
+            layer.lora_A["default"].weight.copy_(A)
+            layer.lora_B["default"].weight.copy_(B)
+    return peft_model
+
+
 def export(
     model: nn.Module,
     tokenizer,  # noqa: ANN001
@@ -181,21 +200,13 @@ def export(
     """``out/residual`` (the model, its weights now residuals, with the tokenizer) and ``out/adapter``
     (a PEFT adapter directory naming the residual as its base model: ``base_model``, where the
     residual will finally live, by default ``out/residual``). Returns the PEFT model."""
-    from peft import get_peft_model
-
     residual_dir, adapter_dir = out / "residual", out / "adapter"
     model.save_pretrained(residual_dir)
     tokenizer.save_pretrained(residual_dir)
     # get_peft_model names the model's own name_or_path as the adapter's base model: the residual
     # directory, which is what the adapter must be loaded onto (PEFT reads its config while saving)
     model.name_or_path = str(residual_dir.resolve())
-    peft_model = get_peft_model(model, lora_config)
-    layers = dict(peft_model.named_modules())
-    with torch.no_grad():
-        for name, (A, B) in adapters.items():
-            layer = layers[f"base_model.model.{name}"]
-            layer.lora_A["default"].weight.copy_(A)
-            layer.lora_B["default"].weight.copy_(B)
+    peft_model = attach_adapters(model, adapters, lora_config)
     peft_model.save_pretrained(adapter_dir)
     if base_model is not None:  # where the residual will finally live
         config_path = adapter_dir / "adapter_config.json"
