@@ -133,6 +133,11 @@ def resolve(name: str, device: torch.device) -> Callable[..., Any]:
 _COMPILED_OPS: dict[str, tuple[str, ...] | None] = {"cpp": None, "cuda": None}
 
 
+def set_compiled_ops(backend: str, ops: tuple[str, ...]) -> None:
+    """Record that the compiled extension provides ``backend``'s kernels for ``ops`` (kernels.compiled)."""
+    _COMPILED_OPS[_check_name(backend)] = tuple(ops)
+
+
 def compiled_backends() -> dict[str, tuple[str, ...] | None]:
     """For ``cpp`` and ``cuda``: the ops with a compiled kernel, or None where none was built."""
     return dict(_COMPILED_OPS)

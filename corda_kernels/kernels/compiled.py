@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .. import backend
-from ..backend import register_impl
+from ..backend import register_impl, set_compiled_ops
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
@@ -167,8 +166,8 @@ _CUDA_IMPLS = {
 if LOADED:
     for _op in CPP_OPS:
         register_impl(_op, "cpp")(_CUDA_IMPLS[_op])
-    backend._COMPILED_OPS["cpp"] = CPP_OPS
+    set_compiled_ops("cpp", CPP_OPS)
     if WITH_CUDA:
         for _op in CUDA_OPS:
             register_impl(_op, "cuda")(_CUDA_IMPLS[_op])
-        backend._COMPILED_OPS["cuda"] = CUDA_OPS
+        set_compiled_ops("cuda", CUDA_OPS)
