@@ -152,3 +152,18 @@ def gram_reference(C0: torch.Tensor, x: torch.Tensor, mask=None, scale=None, buc
 def bound_ratio(C: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> float:
     """``max |C − ref| / bound`` (NaN in C gives NaN, which fails any ``≤ 1`` check)."""
     return float(((C.double() - ref).abs() / bound).max())
+
+
+def covariance_case(device: str, g: torch.Generator, dtype: torch.dtype, n: int, B: int, L: int, has_mask: bool,
+                    has_scale: bool, K: int, strided: bool):  # noqa: ANN201  # fmt: skip
+    """Fresh inputs of one covariance check: ``(x (B, L, n), mask, scale, bucket, C0)``; ``strided``
+    gives an ``x`` whose token stride is 2 and whose feature stride is not 1; ``C0`` is symmetric."""
+    if strided:
+        x = torch.randn(B, n, 2 * L, device=device, generator=g).to(dtype)[:, :, ::2].transpose(1, 2)
+    else:
+        x = torch.randn(B, L, n, device=device, generator=g).to(dtype)
+    mask = torch.rand(B, L, device=device, generator=g) > 0.3 if has_mask else None
+    scale = torch.rand(B, device=device, generator=g) + 0.5 if has_scale else None
+    bucket = torch.randint(0, K, (B,), device=device, generator=g) if K > 1 else None
+    C0 = torch.randn(*((K,) if K > 1 else ()), n, n, device=device, generator=g)
+    return x, mask, scale, bucket, C0 + C0.transpose(-1, -2)

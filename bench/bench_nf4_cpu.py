@@ -12,25 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import bitsandbytes.functional as F
 import torch
+from bench_dropin import _cpu_model  # the same CPU line as the drop-in benchmark
 
 import corda_kernels as ck
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _time(fns: dict[str, callable], reps: int) -> dict[str, list[float]]:

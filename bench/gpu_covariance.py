@@ -19,7 +19,18 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gpu_util import SMALL, bound_ratio, ceilings, gram_reference, guarded, rel_err, row, sync, timeit  # noqa: E402
+from _gpu_util import (  # noqa: E402
+    SMALL,
+    bound_ratio,
+    ceilings,
+    covariance_case,
+    gram_reference,
+    guarded,
+    rel_err,
+    row,
+    sync,
+    timeit,
+)
 
 import corda_kernels as ck  # noqa: E402
 from corda_kernels.kernels.covariance_triton import covariance_update_triton, default_config  # noqa: E402
@@ -43,15 +54,7 @@ def _check(device: str, case: tuple, seed: int) -> list[dict[str, Any]]:
     if SMALL:
         n, L = min(n, 70), min(L, 40)
     g = torch.Generator(device=device).manual_seed(seed)
-    if strided:
-        x = torch.randn(B, n, 2 * L, device=device, generator=g).to(dtype)[:, :, ::2].transpose(1, 2)
-    else:
-        x = torch.randn(B, L, n, device=device, generator=g).to(dtype)
-    mask = torch.rand(B, L, device=device, generator=g) > 0.3 if has_mask else None
-    scale = torch.rand(B, device=device, generator=g) + 0.5 if has_scale else None
-    bucket = torch.randint(0, K, (B,), device=device, generator=g) if K > 1 else None
-    C0 = torch.randn(*((K,) if K > 1 else ()), n, n, device=device, generator=g)
-    C0 = C0 + C0.transpose(-1, -2)
+    x, mask, scale, bucket, C0 = covariance_case(device, g, dtype, n, B, L, has_mask, has_scale, K, strided)
     ck.set_backend("triton")
     C = ck.covariance_update(C0.clone(), x, mask=mask, seq_scale=scale, seq_bucket=bucket)
     ck.set_backend("torch")

@@ -29,7 +29,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _gpu_util import SMALL, bound_ratio, ceilings, gram_reference, guarded, rel_err, row, timeit  # noqa: E402
+from _gpu_util import (  # noqa: E402
+    SMALL,
+    bound_ratio,
+    ceilings,
+    covariance_case,
+    gram_reference,
+    guarded,
+    rel_err,
+    row,
+    timeit,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -156,7 +166,7 @@ def _nf4_rows(device: str) -> list[dict[str, Any]]:
 
 def _residual_rows(device: str) -> list[dict[str, Any]]:
     import bitsandbytes.functional as F
-    from gpu_nf4 import _codes, _unexplained
+    from gpu_nf4 import residual_code_diffs
 
     import corda_kernels as ck
     from corda_kernels.ops.nf4 import residual
@@ -177,11 +187,7 @@ def _residual_rows(device: str) -> list[dict[str, Any]]:
         ck.set_backend("cuda")
         packed, state = ck.nf4_quantize_residual(W, B, A, s, blocksize=64)
         ref_p, ref_s = unfused()
-        exact = W.double() - s * (B.double() @ A.double())
-        u = torch.finfo(torch.float32).eps / 2
-        spread = (r * u / (1 - r * u)) * s * (B.double().abs() @ A.double().abs())
-        spread += exact.abs() * torch.finfo(W.dtype).eps
-        d, bad = _unexplained(exact, ref_s.absmax, _codes(packed), _codes(ref_p), slack=spread.reshape(-1))
+        d, bad = residual_code_diffs(W, B, A, s, ref_s.absmax, packed, ref_p)
         deq = rel_err(ck.nf4_dequantize(packed, state).float(), F.dequantize_4bit(ref_p, ref_s, quant_type="nf4"))
         ours = timeit(lambda W=W, B=B, A=A, s=s: ck.nf4_quantize_residual(W, B, A, s, blocksize=64), device)
         ck.set_backend("triton")
@@ -219,15 +225,7 @@ def _covariance_rows(device: str) -> list[dict[str, Any]]:
     for dtype, n, B, L, has_mask, has_scale, K, strided in cases:
         if SMALL:
             n, L = min(n, 70), min(L, 40)
-        if strided:
-            x = torch.randn(B, n, 2 * L, device=device, generator=g).to(dtype)[:, :, ::2].transpose(1, 2)
-        else:
-            x = torch.randn(B, L, n, device=device, generator=g).to(dtype)
-        mask = torch.rand(B, L, device=device, generator=g) > 0.3 if has_mask else None
-        scale = torch.rand(B, device=device, generator=g) + 0.5 if has_scale else None
-        bucket = torch.randint(0, K, (B,), device=device, generator=g) if K > 1 else None
-        C0 = torch.randn(*((K,) if K > 1 else ()), n, n, device=device, generator=g)
-        C0 = C0 + C0.transpose(-1, -2)
+        x, mask, scale, bucket, C0 = covariance_case(device, g, dtype, n, B, L, has_mask, has_scale, K, strided)
         ref, bound = gram_reference(C0, x, mask, scale, bucket)
         for upper in (False, True):
             C = C0.clone()

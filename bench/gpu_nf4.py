@@ -145,6 +145,18 @@ def _unexplained(values: torch.Tensor, absmax: torch.Tensor, ours: torch.Tensor,
     return int(diff.numel()), int((~near).sum())
 
 
+def residual_code_diffs(W, B, A, s: float, absmax, packed, ref_packed) -> tuple[int, int]:  # noqa: ANN001
+    """``(differing codes, differing codes not explained)`` between a fused ``NF4(W − s·B·A)`` and the
+    unfused reference. The residual itself differs between the fused tile order and the GEMM by at
+    most the rank-r product's rounding, γ_r·s·(|B|·|A|) per element, plus its cast to W's dtype."""
+    r = B.shape[1]
+    exact = W.double() - s * (B.double() @ A.double())
+    u = torch.finfo(torch.float32).eps / 2  # both sides accumulate in fp32 (bf16 products are exact there)
+    spread = (r * u / (1 - r * u)) * s * (B.double().abs() @ A.double().abs())
+    spread += exact.abs() * torch.finfo(W.dtype).eps  # the cast of each side's residual to W's dtype
+    return _unexplained(exact, absmax, _codes(packed), _codes(ref_packed), slack=spread.reshape(-1))
+
+
 def _quantize_rows(device: str) -> list[dict[str, Any]]:
     import bitsandbytes.functional as F
 
@@ -283,13 +295,7 @@ def _residual_rows(device: str) -> list[dict[str, Any]]:
         ref_p, ref_s = unfused()
         frac = float((_codes(packed) != _codes(ref_p)).float().mean())
         deq_err = rel_err(ck.nf4_dequantize(packed, state).float(), F.dequantize_4bit(ref_p, ref_s, quant_type="nf4"))
-        # the residual itself differs between the fused tile order and the GEMM by at most the
-        # rank-r product's rounding, γ_r·s·(|B|·|A|) per element, plus its cast to W's dtype
-        exact = W.double() - s * (B.double() @ A.double())
-        u = torch.finfo(torch.float32).eps / 2  # both sides accumulate in fp32 (bf16 products are exact there)
-        spread = (r * u / (1 - r * u)) * s * (B.double().abs() @ A.double().abs())
-        spread += exact.abs() * torch.finfo(W.dtype).eps  # the cast of each side's residual to W's dtype
-        d, bad = _unexplained(exact, ref_s.absmax, _codes(packed), _codes(ref_p), slack=spread.reshape(-1))
+        d, bad = residual_code_diffs(W, B, A, s, ref_s.absmax, packed, ref_p)
         ours = timeit(lambda W=W, B=B, A=A, s=s: ck.nf4_quantize_residual(W, B, A, s, blocksize=BLOCKSIZE), device)
         ref = timeit(unfused, device)
         ok = bad == 0 and deq_err < 1e-3
