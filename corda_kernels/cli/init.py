@@ -12,7 +12,6 @@ onto it), verify (logits after init equal the original's). Everything is written
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import resource
@@ -457,8 +456,6 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_report(report: Report, out: Path) -> Path:
-    path = out / "report.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_json_safe(asdict(report)), indent=2, default=str, allow_nan=False))
-    os.replace(tmp, path)
-    return path
+    return cache.write_json_atomic(
+        out / "report.json", _json_safe(asdict(report)), indent=2, default=str, allow_nan=False
+    )

@@ -11,6 +11,7 @@ calibration tokens: :func:`fingerprint_tensors`, :func:`fingerprint_ids`), else
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -39,6 +40,22 @@ def save_atomic(path: str | os.PathLike, kind: str, meta: dict[str, Any], data: 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, **dump_kw: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (temp file + rename), readable by all (0644)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, **dump_kw)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def load_checked(path: str | os.PathLike, kind: str, expect: dict[str, Any]) -> dict[str, Any]:

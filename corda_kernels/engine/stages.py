@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..ops.nf4 import nf4_quantize
 from ..ops.spectra import compactness
 from .adapters import build_adapter
+from .cache import write_json_atomic
 from .calibration import CovarianceCollector
 from .dynamic import plan_from_covariances
 from .layers import linear_weight
@@ -212,9 +213,7 @@ def export(
         config_path = adapter_dir / "adapter_config.json"
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = str(base_model)
-        tmp = config_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-        os.replace(tmp, config_path)
+        write_json_atomic(config_path, config, indent=2, sort_keys=True)
         peft_model.peft_config["default"].base_model_name_or_path = str(base_model)
     return peft_model
 

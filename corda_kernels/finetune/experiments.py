@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..engine.cache import write_json_atomic
 from ..engine.layers import linear_weight
 from .methods import QUANTIZED, Budget, adapt, trainable_parameters
 from .train import Schedule, perplexity, steps_to_reach, train
@@ -114,15 +114,6 @@ def logits_error(model: nn.Module, ids: torch.Tensor, reference: torch.Tensor) -
     return float((out - reference).norm() / reference.norm())
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for reading
-    os.replace(tmp, path)
-
-
 def run_one(settings: Settings, method: str, seed: int, load: Callable[[], nn.Module], data: Data,
             out: Path, progress: bool = True) -> dict:  # fmt: skip
     """One (method, seed) run: adapt, measure, train, measure; the record, also written to ``out/runs``."""
@@ -171,7 +162,7 @@ def run_one(settings: Settings, method: str, seed: int, load: Callable[[], nn.Mo
         "init_error": init,
         "quantized_forward": "dequantized NF4 weights (float32)" if method in QUANTIZED else None,
     }
-    _write_json(path, rec)
+    write_json_atomic(path, rec, indent=1)
     return rec
 
 
@@ -229,7 +220,7 @@ def summarize(settings: Settings, records: list[dict], out: Path) -> dict:
             )
         rows.append(row)
     summary = {"settings": asdict(settings), "baseline": base, "loss_level": level, "rows": rows}
-    _write_json(out / "summary.json", summary)
+    write_json_atomic(out / "summary.json", summary, indent=1)
     _plot(settings, by, out)
     return summary
 
@@ -282,7 +273,7 @@ def run_experiment(
     from tqdm import tqdm
 
     data = split(settings, tokenize)
-    _write_json(out / "settings.json", {"key": settings.key(), **asdict(settings)})
+    write_json_atomic(out / "settings.json", {"key": settings.key(), **asdict(settings)}, indent=1)
     records = []
     todo = [(m, s) for m in methods for s in seeds]
     for m, s in tqdm(todo, desc=settings.experiment, unit="run", disable=not progress):

@@ -138,20 +138,11 @@ def residual_norm(A: torch.Tensor, Binv: torch.Tensor) -> torch.Tensor:
 def _damped_inverse(
     C: torch.Tensor, damp: float, threshold: float, max_steps: int, probes: int, inverse: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..ops.damping import _damped_inverse_torch, fix_covariance, search_damp
+    from ..ops.damping import _damped_inverse_torch, search_with_residual
 
     if C.dtype != torch.float32:
         return _damped_inverse_torch(C, damp, threshold, max_steps, probes, inverse)
-    return search_damp(
-        C,
-        damp,
-        threshold,
-        max_steps,
-        shifted=lambda idx, damps: fix_covariance(C if idx.numel() == C.shape[0] else C[idx], damps),
-        residual=residual_norm,
-        probes=probes,
-        inverse=inverse,
-    )
+    return search_with_residual(C, damp, threshold, max_steps, probes, inverse, residual_norm)
 
 
 _CUDA_IMPLS = {

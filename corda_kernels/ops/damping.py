@@ -184,10 +184,16 @@ def _decide(
     return ok, inv, unsure
 
 
-@register_impl("damped_inverse", "torch")
-def _damped_inverse_torch(
-    C: torch.Tensor, damp: float, threshold: float, max_steps: int, probes: int, inverse: bool
+def search_with_residual(
+    C: torch.Tensor,
+    damp: float,
+    threshold: float,
+    max_steps: int,
+    probes: int,
+    inverse: bool,
+    residual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`search_damp` with the torch shift (``fix_covariance``) and the given check ``residual``."""
     return search_damp(
         C,
         damp,
@@ -195,10 +201,17 @@ def _damped_inverse_torch(
         max_steps,
         # all of C at the first step: C[idx] would be a copy (fresh pages, ~0.2 s per GB)
         shifted=lambda idx, damps: fix_covariance(C if idx.numel() == C.shape[0] else C[idx], damps),
-        residual=_identity_residual,
+        residual=residual,
         probes=probes,
         inverse=inverse,
     )
+
+
+@register_impl("damped_inverse", "torch")
+def _damped_inverse_torch(
+    C: torch.Tensor, damp: float, threshold: float, max_steps: int, probes: int, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return search_with_residual(C, damp, threshold, max_steps, probes, inverse, _identity_residual)
 
 
 def _identity_residual(fixed: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
