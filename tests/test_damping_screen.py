@@ -128,3 +128,40 @@ def test_damp_covariance_single_matrix_and_literal(gen: torch.Generator) -> None
     assert bool(checked_literal.all())
     with pytest.raises(ValueError, match="NaN or Inf"):
         damp_covariance(torch.full((4, 4), float("inf")))
+
+
+def test_cpu_batch_decides_each_matrix_as_alone(gen: torch.Generator) -> None:
+    """On the CPU a batch is decided one matrix at a time (no stacked LU factors): every decision,
+    every literal check and every inverse equals what the one-matrix step gives for that matrix —
+    on a batch holding a screen accept, a literal check near the threshold and a rejection."""
+    from corda_kernels.ops.damping import _decide
+
+    n = 96
+    ok_far = covariance("outlier", n, gen)
+    hopeless = covariance("lowrank", n, gen)  # singular: its tiny damp is rejected
+    near = hopeless.clone()
+    # a damp whose literal residual lands inside the screen's margin (between t/8 and t)
+    lo, hi = math.log(1e-10), math.log(1.0)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        r = float(_identity_residual(*_fix_inv(near.unsqueeze(0), math.exp(mid)))[0])
+        if 0.05 / SCREEN_MARGIN < r < 0.045:
+            break
+        lo, hi = (lo, mid) if r < 0.05 / SCREEN_MARGIN else (mid, hi)
+    fixed = torch.stack(
+        [
+            fix_covariance(ok_far.unsqueeze(0), torch.tensor([0.01], dtype=torch.float64))[0],
+            fix_covariance(near.unsqueeze(0), torch.tensor([math.exp(mid)], dtype=torch.float64))[0],
+            fix_covariance(hopeless.unsqueeze(0), torch.tensor([1e-12], dtype=torch.float64))[0],
+        ]
+    )
+    for inverse in (True, False):
+        ok, inv, unsure = _decide(fixed, 0.05, _identity_residual, 32, inverse)
+        for i in range(3):
+            ok1, inv1, unsure1 = _decide(fixed[i : i + 1], 0.05, _identity_residual, 32, inverse)
+            assert bool(ok[i]) == bool(ok1[0]) and bool(unsure[i]) == bool(unsure1[0]), (i, inverse)
+            if inverse and bool(ok[i]):
+                assert torch.equal(inv[i], inv1[0]), i
+        assert bool(ok[0]) and not bool(unsure[0])  # far below: the screen alone
+        assert bool(unsure[1])  # near: the literal check ran
+        assert not bool(ok[2])  # hopeless: rejected
