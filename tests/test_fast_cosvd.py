@@ -519,3 +519,32 @@ def test_default_generator_is_deterministic_and_leaves_the_global_rng(which: str
     again = fast_cosvd(W, C_fix, rank=6, which=which)
     for a, b in zip(first[:3], again[:3]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("m", "n"), [(200, 200), (331, 170), (170, 331)])
+@pytest.mark.parametrize("make", [flat_case, outlier_case], ids=["flat-spectra", "outlier-activations"])
+def test_dense_start(make, m: int, n: int, gen: torch.Generator) -> None:  # noqa: ANN001
+    """The top path from the float32 Gram ``eigh``: confirmed in one step on a flat spectrum, refined
+    by the iteration where the head is heavy (outlier channels: the float32 start is rough there),
+    held to the same float64 criteria as the Krylov path."""
+    W, C = make(m, n, gen)
+    C_fix = ck.damped_inverse(C)[0]
+    ref = reference(W, C_fix)
+    r = 16
+    U, S, V, infos = top_r(W.T.contiguous().T[None], C_fix[None], r, generator=gen, dense=True)  # W non-contiguous
+    assert infos[0]["start"] == "dense" and infos[0]["krylov_steps"] == 0, infos
+    check(W, C_fix, (U[0], S[0], V[0]), ref, r, "top", infos[0])
+    if make is flat_case:
+        assert infos[0]["iterations"] <= 2, infos
+
+
+def test_fast_cosvd_starts_dense_on_small_layers(gen: torch.Generator) -> None:
+    """``fast_cosvd`` takes the dense start up to ``DENSE_MAX_K`` and the random Krylov start above."""
+    from corda_kernels.ops.cosvd import DENSE_MAX_K
+
+    for m, n, start in ((DENSE_MAX_K, 2 * DENSE_MAX_K, "dense"), (DENSE_MAX_K + 1, DENSE_MAX_K + 1, "random")):
+        W, C = flat_case(m, n, gen)
+        C_fix = ck.damped_inverse(C)[0]
+        U, S, V, infos = fast_cosvd(W, C_fix, rank=8, which="top", generator=gen)
+        assert infos[0]["start"] == start, (m, n, infos)
+        check(W, C_fix, (U, S, V), reference(W, C_fix), 8, "top", infos[0])

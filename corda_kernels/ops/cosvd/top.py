@@ -27,6 +27,22 @@ _FINAL_EXTRA = 8  # Ritz vectors beyond r in the top's final float64 Rayleigh–
 _ROWS_MIN_N = 4096  # above this n the top's float32 products take the row-panel form (top_r)
 
 
+def dense_start(M: torch.Tensor, ell: int) -> torch.Tensor:
+    """Orthonormal ``(B, m, ell)``: the top ``ell`` left singular vectors of float32 ``M`` ``(B, m, n)``.
+
+    From one ``eigh`` of the float32 Gram matrix of the short side (``MMᵀ``, or ``MᵀM`` whose
+    top eigenvectors ``V`` give ``orth(M V)``). Accurate to ``~u₃₂·σ_1²/(σ_ell² − σ_{ell+1}²)``:
+    a start that the subspace iteration confirms in one step where the spectrum is flat (where
+    a Krylov basis from a random start has to grow to most of ``k`` columns) and refines where it
+    is not.
+    """
+    m, n = M.shape[-2:]
+    if m <= n:
+        return torch.linalg.eigh(M @ M.transpose(-1, -2))[1][..., -ell:].flip(-1)
+    V = torch.linalg.eigh(M.transpose(-1, -2) @ M)[1][..., -ell:].flip(-1)
+    return _orth(M @ V)
+
+
 def _top_stop(
     rel_res: torch.Tensor, hist: list[torch.Tensor], unit: float, tol: float, stall_prev: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,13 +179,16 @@ def top_r(
     max_iters: int = 40,
     generator: torch.Generator | None = None,
     krylov: bool | None = None,
+    dense: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict]]:
     """Top-``rank`` CO-SVD triplets by adaptive randomized block Krylov / subspace iteration (module doc).
 
     ``W`` ``(B, m, n)``, ``C_fix`` ``(B, n, n)`` (any float dtype; iterations in float32, the
     final Rayleigh–Ritz step and ``V`` in float64). ``krylov``: ``None`` picks block Krylov where
     the basis has room (``min(m, n) ≥ 4·l``) and ``l ≤ 4·p``; ``False`` forces subspace iteration,
-    ``True`` Krylov wherever the basis has room.
+    ``True`` Krylov wherever the basis has room. ``dense`` starts the subspace iteration from
+    :func:`dense_start` instead (no Krylov basis, no random start; the same stopping rule and
+    final step): the cheaper start for small ``k`` (:func:`~corda_kernels.ops.cosvd.fast_cosvd`).
     ``max_iters`` bounds the Krylov steps plus iterations. Returns float32 ``U`` ``(B, m, r)``,
     ``S`` ``(B, r)`` descending, ``V`` ``(B, n, r)`` and one info dict per matrix.
     """
@@ -180,7 +199,8 @@ def top_r(
     ell = rank + p
     # block Krylov with blocks of b = p columns where the basis has room to grow (k ≥ 4·l) and
     # l ≤ 4·b; subspace iteration on l columns otherwise (small matrices: cheap either way)
-    max_basis = _krylov_max_basis(k, ell, p) if (4 * p >= ell if krylov is None else krylov) else 0
+    use_krylov = 4 * p >= ell if krylov is None else krylov
+    max_basis = _krylov_max_basis(k, ell, p) if use_krylov and not dense else 0
     b = p if max_basis else ell
     W32 = W.float()
     C32 = C_fix.float()
@@ -188,7 +208,7 @@ def top_r(
 
     # M applied implicitly costs 2·b·(n² + m·n) per step, explicitly 2·b·m·n after m·n² once:
     # form it when m < 12·b (about six steps amortize it).
-    M32 = W32 @ C32 if m < 12 * b else None
+    M32 = W32 @ C32 if m < 12 * b or dense else None
 
     matvecs = [0]  # columns multiplied by M or Mᵀ, all precisions
 
@@ -213,8 +233,12 @@ def top_r(
             return _mt_rows(W32, C32, Y)[0]
         return C32 @ (W32.mT @ Y)
 
-    omega = torch.randn(Bn, n, b, generator=generator, dtype=torch.float32, device="cpu").to(dev)
-    Q = _orth(mv(omega))
+    if dense:
+        assert M32 is not None
+        Q = dense_start(M32, ell)
+    else:
+        omega = torch.randn(Bn, n, b, generator=generator, dtype=torch.float32, device="cpu").to(dev)
+        Q = _orth(mv(omega))
     u32 = torch.finfo(torch.float32).eps / 2
     iters, done = 0, False
     if max_basis:
@@ -282,6 +306,7 @@ def top_r(
         infos.append(
             {
                 "method": "fast-ipm",
+                "start": "dense" if dense else "random",
                 "iterations": iters,
                 "krylov_steps": krylov_steps,
                 "matvecs": matvecs[0],
