@@ -106,3 +106,34 @@ def test_bad_arguments() -> None:
     col.set_batch(torch.ones(3, 4, dtype=torch.bool))
     with col.attached(), pytest.raises(ValueError, match="batch mask has shape"):
         model(torch.zeros(2, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("normalization", ["peft", "mean"])
+@pytest.mark.parametrize("equal_lengths", [True, False])
+def test_short_sequences_buffered_across_flushes(normalization: str, equal_lengths: bool, gen: torch.Generator) -> None:
+    """Batch-1 calls of short sequences go through the row buffer (one GEMM per full buffer, each
+    sequence's ``1/|max|`` applied at the flush): several flushes, sequences of equal and of mixed
+    lengths, magnitudes spread over six decades, against PEFT's formula in float64."""
+    from corda_kernels.engine.calibration import BUFFER_ROWS
+
+    n = 40
+    layer = torch.nn.Linear(n, 8)
+    count = 3 * BUFFER_ROWS // 30
+    lengths = [30] * count if equal_lengths else torch.randint(1, 60, (count,), generator=gen).tolist()
+    xs = [
+        torch.randn(1, L, n, generator=gen) * 10.0 ** float(torch.empty(1).uniform_(-3, 3, generator=gen))
+        for L in lengths
+    ]
+    col = CovarianceCollector({"layer": layer}, normalization=normalization)
+    with col.attached(), torch.no_grad():
+        for x in xs:
+            layer(x)
+    x64 = [x[0].double() for x in xs]
+    if normalization == "peft":
+        ref = sum(x.T @ x / x.max().abs() ** 2 for x in x64) / len(x64)
+    else:
+        ref = sum(x.T @ x for x in x64) / sum(lengths)
+    # float32 sums of T rank-one terms (each scaled by its sequence's max): ~√T·u₃₂ relative
+    T = sum(lengths)
+    assert rel_err(col.covariance("layer"), ref) < 10 * T**0.5 * torch.finfo(torch.float32).eps
+    assert col.calls["layer"] == count

@@ -12,9 +12,10 @@ common history. Normalizations:
 
 Any batch size is accepted: padding (``mask`` False) contributes nothing, so a batch gives
 the covariance of its sequences fed one at a time. Batch-1 callers (PEFT's usage) feed a few
-hundred tokens per call: the scaled rows of small samples are copied into a per-accumulator
-buffer of ``BUFFER_ROWS`` rows and accumulated with one GEMM per full buffer, so the cost per
-call is one copy, not one small GEMM. Finiteness is checked once per accumulator at the end
+hundred tokens per call: the rows of small samples are copied into a per-accumulator buffer
+of ``BUFFER_ROWS`` rows; when it is full, every buffered sequence's ``1/|max|`` is applied in one
+pass and the buffer accumulated with one GEMM, so the cost per call is one copy, not a small
+GEMM and a handful of small ops. Finiteness is checked once per accumulator at the end
 (a NaN/Inf activation makes the sums non-finite), naming the layer. ``rounds = K > 1`` keeps K
 candidate covariances (CorDA++), sequence ``i`` of the calibration going to round ``i mod K``
 unless the caller assigns rounds.
@@ -68,8 +69,10 @@ class Accumulator:
     samples: int = 0  # samples applied (each read by every member)
     pending: _Sample | None = None
     last: weakref.ReferenceType | None = None  # the input of the last applied sample
-    buf: torch.Tensor | None = None  # (BUFFER_ROWS, n) float32 rows not yet in C (rounds == 1)
+    buf: torch.Tensor | None = None  # (BUFFER_ROWS, n) float32 rows not yet in C (rounds == 1), unscaled
     fill: int = 0
+    lengths: list[int] = field(default_factory=list)  # the buffered sequences' token counts
+    pending_weight: float = 0.0  # weight of the buffered sequences, added to ``weight`` at flush
 
     def __post_init__(self) -> None:
         self.C = torch.zeros(self.rounds, self.n, self.n, dtype=torch.float32, device=self.device)
@@ -82,7 +85,8 @@ class Accumulator:
         twin.weight = self.weight.clone()
         twin.samples, twin.last = self.samples, self.last
         if self.buf is not None:
-            twin.buf, twin.fill = self.buf.clone(), self.fill
+            twin.buf, twin.fill, twin.lengths = self.buf.clone(), self.fill, list(self.lengths)
+        twin.pending_weight = self.pending_weight
         return twin
 
     # -- applying samples ------------------------------------------------------------------
@@ -90,6 +94,12 @@ class Accumulator:
         """Add ``sample`` to the sums (PEFT's normalization per sequence, padding masked)."""
         x3, mask, bucket = sample.x3, sample.mask, sample.bucket
         B, L, n = x3.shape
+        self.samples += 1
+        self.last = sample.ref
+        if bucket is None and mask is None and 0 < B * L < _DIRECT_ROWS:  # bucket is None exactly when rounds == 1
+            self.pending_weight += B if self.normalization == "peft" else B * L
+            self._buffer(x3.reshape(B * L, n), L)
+            return
         if self.normalization == "peft":
             if mask is None:
                 peak = x3.amax(dim=(1, 2)).float().abs()
@@ -100,39 +110,39 @@ class Accumulator:
                 peak = torch.where(real, peak, torch.ones_like(peak))
                 counts = real.double().cpu()
             # 1/0 = inf for a zero max: the sums become non-finite and finalize names the layer
-            row_scale = 1.0 / peak
+            scale = (1.0 / peak).square()
         else:
-            row_scale = None
+            scale = None
             counts = torch.full((B,), float(L), dtype=torch.float64) if mask is None else mask.sum(1).double().cpu()
         if bucket is None:
             self.weight[0] += counts.sum()
         else:
             self.weight.index_add_(0, bucket.cpu(), counts)
-        self.samples += 1
-        self.last = sample.ref
-        if bucket is None and mask is None and B * L < _DIRECT_ROWS:  # bucket is None exactly when rounds == 1
-            self._buffer(x3.reshape(B * L, n), None if row_scale is None else row_scale.repeat_interleave(L))
-            return
-        scale = None if row_scale is None else row_scale.square()
         self._gemm(x3, mask, scale, bucket)
 
-    def _buffer(self, rows: torch.Tensor, scale: torch.Tensor | None) -> None:
+    def _buffer(self, rows: torch.Tensor, length: int) -> None:
+        """Copy ``rows`` (whole sequences of ``length`` tokens) into the buffer; scaled at :meth:`flush`."""
         if self.buf is None:
             self.buf = torch.empty(BUFFER_ROWS, self.n, dtype=torch.float32, device=rows.device)
         if self.fill + rows.shape[0] > BUFFER_ROWS:
             self.flush()
-        dst = self.buf[self.fill : self.fill + rows.shape[0]]
-        if scale is None:
-            dst.copy_(rows)
-        else:
-            torch.mul(rows, scale.to(rows.device).unsqueeze(1), out=dst)
+        self.buf[self.fill : self.fill + rows.shape[0]].copy_(rows)
+        self.lengths.extend([length] * (rows.shape[0] // length))
         self.fill += rows.shape[0]
 
     def flush(self) -> None:
-        """Accumulate the buffered rows with one GEMM."""
-        if self.fill:
-            self._gemm(self.buf[: self.fill].unsqueeze(0), None, None, None)
-            self.fill = 0
+        """Scale the buffered sequences (PEFT's ``1/|max|`` each) and accumulate them with one GEMM."""
+        if self.pending_weight:
+            self.weight[0] += self.pending_weight
+            self.pending_weight = 0.0
+        if not self.fill:
+            return
+        rows = self.buf[: self.fill]
+        if self.normalization == "peft":
+            rows.mul_(_sequence_scales(rows, self.lengths).unsqueeze(1))
+        self._gemm(rows.unsqueeze(0), None, None, None)
+        self.fill = 0
+        self.lengths.clear()
 
     def _gemm(self, x3, mask, scale, bucket) -> None:  # noqa: ANN001
         if self.C.device == x3.device:
@@ -141,6 +151,18 @@ class Accumulator:
             tmp = torch.zeros_like(self.C, device=x3.device)
             _update(tmp, x3, mask, scale, bucket)
             self.C += tmp.to(self.C.device)
+
+
+def _sequence_scales(rows: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Per-row ``1/|max|`` of each sequence for ``rows`` ``(T, n)`` made of sequences of ``lengths`` tokens."""
+    L = lengths[0]
+    if all(length == L for length in lengths):  # the usual case: one reduction for the buffer
+        peaks = rows.view(len(lengths), L * rows.shape[1]).amax(dim=1)
+    else:
+        peaks = torch.stack([part.amax() for part in rows.split(lengths)])
+    lens = torch.tensor(lengths, device=rows.device)
+    # 1/0 = inf for a zero max: the sums become non-finite and finalize names the layer
+    return (1.0 / peaks.abs()).repeat_interleave(lens)
 
 
 def _update(C: torch.Tensor, x3, mask, scale, bucket) -> None:  # noqa: ANN001
