@@ -15,6 +15,7 @@ from corda_kernels.ops.damping import (
     damp_covariance,
     fix_covariance,
     probe_residual,
+    rule_allows,
     search_damp,
 )
 from corda_kernels.ops.linalg import lu_factor_ex
@@ -42,15 +43,25 @@ KINDS = ["outlier", "lowrank", "scaled", "powerlaw"]
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n", [57, 200])
 def test_screen_chooses_the_literal_damp(kind: str, n: int, gen: torch.Generator) -> None:
-    """From a start far below 0.01 every step is decided; the screen must agree with the rule at each."""
+    """From a start far below 0.01 every step is decided; the screen must agree with the rule at each.
+
+    A step whose residual lies within rounding of the threshold may go either way (the screen's
+    literal check and the literal rule's take their float32 products on batches of different
+    sizes, whose kernels may sum in another order): every damp must be one the rule allows
+    (:func:`rule_allows`, float64 replay), and where the two damps agree so must ``C_fix`` and the inverse.
+    """
     C = torch.stack([covariance(kind, n, gen) for _ in range(3)])
     for damp0 in (1e-9, 1e-4, 0.01):
         f0, i0, d0 = ck.damped_inverse(C, damp=damp0, screen=False)
         f1, i1, d1 = ck.damped_inverse(C, damp=damp0)
-        assert torch.equal(d1, d0), (kind, damp0, d0.tolist(), d1.tolist(), gen.initial_seed())
-        assert torch.equal(f1, f0) and torch.equal(i1, i0)
         f2, d2, _ = damp_covariance(C, damp=damp0)
-        assert torch.equal(d2, d0) and torch.equal(f2, f0)
+        for d in (d0, d1, d2):
+            assert rule_allows(C, d, damp=damp0) == [], (kind, damp0, d.tolist(), gen.initial_seed())
+        for b in range(C.shape[0]):
+            if float(d1[b]) == float(d0[b]):
+                assert torch.equal(f1[b], f0[b]) and torch.equal(i1[b], i0[b])
+            if float(d2[b]) == float(d0[b]):
+                assert torch.equal(f2[b], f0[b])
 
 
 def test_screen_decides_far_from_threshold_and_checks_near_it(gen: torch.Generator) -> None:
