@@ -17,4 +17,4 @@ ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 python -m pytest -q -p no:
 echo "== floating-point tests on ATen's portable kernels (ATEN_CPU_CAPABILITY=default)"
 ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 python -m pytest -q -p no:cacheprovider \
   tests/test_ops.py tests/test_damping_triton.py tests/test_damping_screen.py tests/test_calibration.py \
-  tests/test_peft_parity.py tests/test_dropin_behaviour.py tests/test_covariance_triton.py
+  tests/test_peft_parity.py tests/test_dropin_behaviour.py tests/test_covariance_triton.py tests/test_compiled_ops.py
