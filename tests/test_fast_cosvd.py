@@ -32,7 +32,7 @@ from .conftest import rel_err
 
 FIXTURE = Path(__file__).parent / "data" / "cosvd_real.safetensors"
 SV_TOL = {"top": 1e-3, "bottom": 5e-3}  # a ceiling; each result must also meet its own certified bound
-GAP_FOR_COSINES = 1.02  # sinθ ≤ ‖residual‖/gap: with residuals ~1e-4, a 2 % gap pins the subspace
+GAP_FOR_COSINES = 1.02  # bottom path: sinθ ≤ ‖residual‖/gap, its residuals ~1e-4 and a 2 % gap pin the subspace
 # Rayleigh–Ritz values err by ~‖residual‖²/(σ·gap): where the crop has a 5 % gap, the values are
 # held to what the README and the drop-in claim (≤ 1e-6; seen ≤ 2.2e-7 over many seeds here)
 WELL_SEPARATED, SV_TOL_SEPARATED = 1.05, 1e-6
@@ -136,7 +136,13 @@ def check(
     if gap_at(ref_full[1], r, which) >= WELL_SEPARATED:
         assert c["sv_rel_err"] <= SV_TOL_SEPARATED, (c, info)
     assert c["energy_rel_excess"] <= 1e-3, (c, info)
-    if gap_at(ref_full[1], r, which) >= GAP_FOR_COSINES:
+    if "subspace_sin_est" in info:
+        # the top iteration stops on its singular values; of the subspace it reports Wedin's
+        # ‖residual‖/gap, which may be loose (a 2 % gap with residuals ~1e-3 pins nothing) but must
+        # not claim more than was achieved (slack 2: its gap is taken between computed values)
+        sin_true = (1 - min(c["u_cos_min"], c["v_cos_min"]) ** 2) ** 0.5
+        assert sin_true <= 2 * info["subspace_sin_est"] + 1e-5, (c, info)
+    elif gap_at(ref_full[1], r, which) >= GAP_FOR_COSINES:
         assert c["u_cos_min"] >= 0.9999, (c, info)
         assert c["v_cos_min"] >= 0.9999, (c, info)
     # the accuracy estimate must not claim more than was achieved
