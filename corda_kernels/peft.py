@@ -12,6 +12,11 @@ per-layer cropping (no full U/V for all layers), and caches that record and chec
 settings and are written atomically. PEFT's observable behaviour is kept: its damping
 decision, its sample counts (a layer called twice on one tensor counts two samples) and the
 temporary fields it leaves with ``prune_temporary_fields=False``.
+
+Under ``torch.distributed`` (``torchrun``) with several ranks, each rank's ``run_model`` feeds its
+own shard of the calibration data; the covariances are summed over the ranks, each rank
+decomposes a share of the layers (balanced by cost) and every rank ends with every layer's
+``eigens``, the same on all ranks. Only rank 0 writes the caches.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .engine import cache
+from .engine import cache, distributed
 from .engine.calibration import CovarianceCollector
 from .engine.layers import in_features, linear_weight, target_modules
-from .engine.pipeline import check_ranks, decompose_layers
+from .engine.pipeline import check_ranks, decompose_layers, layer_owners
 
 weights_key = cache.fingerprint_model  # the content key of the weights the drop-in's caches record
 
@@ -104,8 +109,17 @@ def collect_covariances(
     if counts is not None:
         counts.update({name: collector.calls[name] for name in targets})
     if cov_file is not None:
-        cache.save_atomic(cov_file, "covariance", meta, covs)
+        _save_on_rank0(cov_file, "covariance", meta, covs)
     return covs
+
+
+def _save_on_rank0(path: str, kind: str, meta: dict, data: dict) -> None:
+    """Write a cache from rank 0 only (every rank holds the same data), the others waiting for it."""
+    rank, _ = distributed.rank_and_world()
+    if rank == 0:
+        cache.save_atomic(path, kind, meta, data)
+    if distributed.active():
+        torch.distributed.barrier()
 
 
 def _as_float16(covs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,14 +202,28 @@ def preprocess_corda(
         counts=counts,
         model_weights=meta["model_weights"],
     )
+    rank, world = distributed.rank_and_world()
     stored: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     layers = decompose_layers(
-        targets, covs, ranks, cfg.corda_method, method=method, progress=bool(cfg.verbose), screen=damping_screen
+        targets,
+        covs,
+        ranks,
+        cfg.corda_method,
+        method=method,
+        progress=bool(cfg.verbose) and rank == 0,
+        screen=damping_screen,
+        shard=(rank, world) if world > 1 else None,
     )
     for res in layers:
-        attach(res.name, res.U, res.S, res.V)
-        if cfg.cache_file is not None:
+        if world == 1:
+            attach(res.name, res.U, res.S, res.V)
+        if world > 1 or cfg.cache_file is not None:
             stored[res.name] = (res.U, res.S, res.V)
+    if world > 1:  # each rank decomposed its share: every layer's triplets from its owner
+        shapes = {name: (*linear_weight(m).shape, ranks[name]) for name, m in targets.items()}
+        stored = distributed.share_triplets(stored, layer_owners(targets, covs, world), shapes)
+        for name, (U, S, V) in stored.items():
+            attach(name, U, S, V)
     if not cfg.prune_temporary_fields:  # what PEFT leaves behind when asked not to prune
         for name, module in targets.items():
             if name in counts:  # PEFT sets it only when it calibrated (not from a covariance file)
@@ -204,4 +232,4 @@ def preprocess_corda(
             module.corda_method = cfg.corda_method
             module.rank = ranks[name]
     if cfg.cache_file is not None:
-        cache.save_atomic(cfg.cache_file, "eigens", meta, stored)
+        _save_on_rank0(cfg.cache_file, "eigens", meta, stored)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import cache, data, stages
+from ..engine import cache, data, distributed, stages
 from ..engine.adapters import lora_scaling
 from ..engine.layers import in_features, is_conv1d, linear_weight, target_modules
 from ..engine.outputs import output_hashes
@@ -256,7 +256,15 @@ def run_init(opts: InitOptions) -> Report:
     ``.<out>.partial/`` beside it, which also keeps the resumable state (covariances, finished
     layers). Only a complete, verified output replaces ``--out``, as a whole, by two renames
     (:func:`publish`): ``--out`` always holds either the previous complete output or the new one.
+    It runs in one process: under ``torch.distributed`` with several ranks it raises ``RuntimeError``
+    (the drop-in ``corda_kernels.peft.preprocess_corda`` is the one that shares out the work).
     """
+    if distributed.active():
+        raise RuntimeError(
+            "corda-kernels init runs in one process, not under a torch.distributed group of "
+            f"{distributed.rank_and_world()[1]} ranks: launch it without torchrun, or calibrate and "
+            "decompose across ranks with corda_kernels.peft.preprocess_corda"
+        )
     inputs = check_inputs(opts)
     opts = replace(opts, targets=inputs.targets)
     out = Path(opts.out)

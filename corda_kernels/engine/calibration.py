@@ -18,7 +18,9 @@ pass and the buffer accumulated with one GEMM, so the cost per call is one copy,
 GEMM and a handful of small ops. Finiteness is checked once per accumulator at the end
 (a NaN/Inf activation makes the sums non-finite), naming the layer. ``rounds = K > 1`` keeps K
 candidate covariances (CorDA++), sequence ``i`` of the calibration going to round ``i mod K``
-unless the caller assigns rounds.
+unless the caller assigns rounds. Under ``torch.distributed`` with more than one rank (each rank
+calibrating its own shard of the data), the raw sums and counts are added over the ranks when the
+collector is finalized (``sum_over_ranks``), so every rank holds the covariance of all shards.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from ..ops.covariance import covariance_update, symmetrize_
+from . import distributed
 from .layers import in_features
 
 NORMALIZATIONS = ("peft", "mean")
@@ -179,6 +182,8 @@ class CovarianceCollector:
     padding mask with :meth:`set_batch` when there is padding. Then :meth:`covariance` /
     :meth:`candidates` give the finished ``(n, n)`` / ``(K, n, n)`` float32 matrices and
     ``calls[name]`` the number of forward calls each layer saw (PEFT's ``sample_count``).
+    ``sum_over_ranks`` (default): inside a ``torch.distributed`` group of several ranks, finalizing
+    adds every rank's sums, counts and calls (a collective: every rank must finalize).
     """
 
     def __init__(
@@ -189,6 +194,7 @@ class CovarianceCollector:
         rounds: int = 1,
         share_inputs: bool = True,
         device: torch.device | str | None = None,
+        sum_over_ranks: bool = True,
     ) -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
@@ -201,6 +207,7 @@ class CovarianceCollector:
         self.rounds = rounds
         self.share_inputs = share_inputs
         self.device = None if device is None else torch.device(device)
+        self.sum_over_ranks = sum_over_ranks
         self.acc_of: dict[str, Accumulator] = {}
         self.calls: dict[str, int] = {name: 0 for name in modules}
         self.order: list[str] = []  # layers in the order of their first call
@@ -342,6 +349,8 @@ class CovarianceCollector:
         for acc in self.accumulators():
             acc.flush()
             acc.buf = None
+        if self.sum_over_ranks and distributed.active():
+            distributed.reduce_collector(self)
         self.check_finite()
         for acc in self.accumulators():
             symmetrize_(acc.C)

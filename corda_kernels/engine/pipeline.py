@@ -1,8 +1,10 @@
 """Per-layer decomposition: damped inverse, CO-SVD, crop — one layer at a time.
 
 Layers that share an input covariance (the same tensor object) share its damped inverse;
-same-width covariances are damped as one batch. Only the cropped triplets of each layer
-are handed on, so the full ``U``/``V`` of one layer at most are alive at any moment.
+same-width covariances are damped as one batch (a *unit*: up to ``_DAMP_BATCH`` covariances and
+every layer that reads them). Only the cropped triplets of each layer are handed on, so the full
+``U``/``V`` of one layer at most are alive at any moment. Under ``torch.distributed`` the units are
+shared out by cost (``shard``) and each is computed exactly as one process computes it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 from ..ops.cosvd import cosvd
 from ..ops.damping import DampingError, damp_covariance
 from ..ops.spectra import eig_extremes_fast
+from .distributed import assign_by_cost
 from .layers import linear_weight
 
 CORDA_METHODS = ("ipm", "kpm")
@@ -59,6 +62,49 @@ def group_shared(covariances: dict[str, torch.Tensor]) -> list[tuple[torch.Tenso
     return list(groups.values())
 
 
+@dataclass
+class Unit:
+    """One damping batch: same-width covariances ``(C (n, n), layer names)`` decomposed together."""
+
+    chunk: list[tuple[torch.Tensor, list[str]]]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for _, names in self.chunk for name in names]
+
+    def cost(self, modules: dict[str, nn.Module]) -> float:
+        """Estimated flops: a damping factorization per covariance and a CO-SVD of ``m·n·min(m, n)`` per layer."""
+        n = self.chunk[0][0].shape[-1]
+        total = float(len(self.chunk) * n**3)
+        for name in self.names:
+            m, k = linear_weight(modules[name]).shape
+            total += float(m * k * min(m, k))
+        return total
+
+
+def plan_units(modules: dict[str, nn.Module], covariances: dict[str, torch.Tensor]) -> list[Unit]:
+    """The units :func:`decompose_layers` runs, in its order (deterministic given ``modules``' order)."""
+    missing = [name for name in modules if name not in covariances]
+    if missing:
+        raise ValueError(f"no covariance for layer(s) {', '.join(missing[:5])}")
+    groups = group_shared({name: covariances[name] for name in modules})
+    by_width: dict[int, list[tuple[torch.Tensor, list[str]]]] = {}
+    for C, names in groups:
+        by_width.setdefault(C.shape[-1], []).append((C, names))
+    return [
+        Unit(group[start : start + _DAMP_BATCH])
+        for group in by_width.values()
+        for start in range(0, len(group), _DAMP_BATCH)
+    ]
+
+
+def layer_owners(modules: dict[str, nn.Module], covariances: dict[str, torch.Tensor], world: int) -> dict[str, int]:
+    """The rank that decomposes each layer when ``world`` ranks share the units (longest first)."""
+    units = plan_units(modules, covariances)
+    owners = assign_by_cost([u.cost(modules) for u in units], world)
+    return {name: owner for unit, owner in zip(units, owners) for name in unit.names}
+
+
 def decompose_layers(
     modules: dict[str, nn.Module],
     covariances: dict[str, torch.Tensor],
@@ -69,6 +115,7 @@ def decompose_layers(
     progress: bool = True,
     extremes: bool = False,
     screen: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[LayerResult]:
     """Yield each layer's cropped CO-SVD (IPM: top ``r``, KPM: bottom ``r``), grouped by covariance.
 
@@ -80,65 +127,65 @@ def decompose_layers(
     (Lanczos, :func:`~corda_kernels.ops.spectra.eig_extremes_fast`) and their ``lambda_rel_bound``.
     ``info["damp_check"]`` says whether the damp was accepted by the screen or by the literal
     check (:mod:`corda_kernels.ops.damping`); ``screen=False`` runs the literal rule for every layer.
+    ``shard=(rank, world)`` yields only the layers :func:`layer_owners` gives to ``rank``.
     """
     which = which_for(corda_method)
     check_ranks(modules, ranks)
-    missing = [name for name in modules if name not in covariances]
-    if missing:
-        raise ValueError(f"no covariance for layer(s) {', '.join(missing[:5])}")
-    groups = group_shared({name: covariances[name] for name in modules})
-    by_width: dict[int, list[tuple[torch.Tensor, list[str]]]] = {}
-    for C, names in groups:
-        by_width.setdefault(C.shape[-1], []).append((C, names))
-    bar = tqdm(total=len(modules), desc="CO-SVD", unit="layer", disable=not progress)
-    for group in by_width.values():
-        for start in range(0, len(group), _DAMP_BATCH):
-            chunk = group[start : start + _DAMP_BATCH]
-            t0 = time.perf_counter()
-            try:
-                C_fix, damps, checked = damp_covariance(torch.stack([C.float() for C, _ in chunk]), screen=screen)
-            except DampingError as err:
-                raise DampingError(err.index, f"layer(s) {', '.join(chunk[err.index][1])}: {err}") from err
-            except ValueError as err:
-                bad = [names for C, names in chunk if not bool(torch.isfinite(C).all())]
-                raise ValueError(f"layer(s) {', '.join(bad[0]) if bad else '?'}: {err}") from err
-            spectrum: list[dict] = [{} for _ in chunk]
-            if extremes:
-                lo, hi, bound = eig_extremes_fast(C_fix)
-                spectrum = [
-                    {"lambda_min": float(lo[i]), "lambda_max": float(hi[i]), "lambda_rel_bound": float(bound[i].max())}
-                    for i in range(len(chunk))
-                ]
-            damp_time = (time.perf_counter() - t0) / len(chunk)
-            # same-shaped layers of the chunk (same rank) go through cosvd as one batch
-            batches: dict[tuple, list[tuple[str, int]]] = {}
-            for i, (_, names) in enumerate(chunk):
-                for name in names:
-                    key = (tuple(linear_weight(modules[name]).shape), ranks[name])
-                    batches.setdefault(key, []).append((name, i))
-            for (shape, r), members in batches.items():
-                t1 = time.perf_counter()
-                W = torch.stack([linear_weight(modules[name]).detach() for name, _ in members])
-                Cb = C_fix[[i for _, i in members]]
-                meta: dict = {}
-                U, S, V = cosvd(W, Cb, rank=r, which=which, C_fix=Cb, method=method, info=meta)
-                per_layer = (time.perf_counter() - t1) / len(members)
-                del W, Cb
-                for j, (name, i) in enumerate(members):
-                    acc_info = dict(meta["batch"][j] if "batch" in meta else meta)
-                    info = {
-                        "shape": list(shape),
-                        "rank": r,
-                        "damp": float(damps[i]),
-                        "damp_check": "literal" if bool(checked[i]) else "screen",
-                        "method": acc_info.pop("method", method),
-                        "accuracy": acc_info,
-                        "batch": len(members),
-                        "time_s": per_layer + damp_time / len(chunk[i][1]),
-                        **spectrum[i],
-                    }
-                    yield LayerResult(name, U[j].clone(), S[j].clone(), V[j].clone(), float(damps[i]), info)
-                    bar.update(1)
-                del U, S, V
-            del C_fix
+    units = plan_units(modules, covariances)
+    if shard is not None:
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard: rank {rank} must be in [0, {world})")
+        owners = assign_by_cost([u.cost(modules) for u in units], world)
+        units = [u for u, owner in zip(units, owners) if owner == rank]
+    bar = tqdm(total=sum(len(u.names) for u in units), desc="CO-SVD", unit="layer", disable=not progress)
+    for unit in units:
+        chunk = unit.chunk
+        t0 = time.perf_counter()
+        try:
+            C_fix, damps, checked = damp_covariance(torch.stack([C.float() for C, _ in chunk]), screen=screen)
+        except DampingError as err:
+            raise DampingError(err.index, f"layer(s) {', '.join(chunk[err.index][1])}: {err}") from err
+        except ValueError as err:
+            bad = [names for C, names in chunk if not bool(torch.isfinite(C).all())]
+            raise ValueError(f"layer(s) {', '.join(bad[0]) if bad else '?'}: {err}") from err
+        spectrum: list[dict] = [{} for _ in chunk]
+        if extremes:
+            lo, hi, bound = eig_extremes_fast(C_fix)
+            spectrum = [
+                {"lambda_min": float(lo[i]), "lambda_max": float(hi[i]), "lambda_rel_bound": float(bound[i].max())}
+                for i in range(len(chunk))
+            ]
+        damp_time = (time.perf_counter() - t0) / len(chunk)
+        # same-shaped layers of the chunk (same rank) go through cosvd as one batch
+        batches: dict[tuple, list[tuple[str, int]]] = {}
+        for i, (_, names) in enumerate(chunk):
+            for name in names:
+                key = (tuple(linear_weight(modules[name]).shape), ranks[name])
+                batches.setdefault(key, []).append((name, i))
+        for (shape, r), members in batches.items():
+            t1 = time.perf_counter()
+            W = torch.stack([linear_weight(modules[name]).detach() for name, _ in members])
+            Cb = C_fix[[i for _, i in members]]
+            meta: dict = {}
+            U, S, V = cosvd(W, Cb, rank=r, which=which, C_fix=Cb, method=method, info=meta)
+            per_layer = (time.perf_counter() - t1) / len(members)
+            del W, Cb
+            for j, (name, i) in enumerate(members):
+                acc_info = dict(meta["batch"][j] if "batch" in meta else meta)
+                info = {
+                    "shape": list(shape),
+                    "rank": r,
+                    "damp": float(damps[i]),
+                    "damp_check": "literal" if bool(checked[i]) else "screen",
+                    "method": acc_info.pop("method", method),
+                    "accuracy": acc_info,
+                    "batch": len(members),
+                    "time_s": per_layer + damp_time / len(chunk[i][1]),
+                    **spectrum[i],
+                }
+                yield LayerResult(name, U[j].clone(), S[j].clone(), V[j].clone(), float(damps[i]), info)
+                bar.update(1)
+            del U, S, V
+        del C_fix
     bar.close()
