@@ -14,9 +14,11 @@ decision, its sample counts (a layer called twice on one tensor counts two sampl
 temporary fields it leaves with ``prune_temporary_fields=False``.
 
 Under ``torch.distributed`` (``torchrun``) with several ranks, each rank's ``run_model`` feeds its
-own shard of the calibration data; the covariances are summed over the ranks, each rank
-decomposes a share of the layers (balanced by cost) and every rank ends with every layer's
-``eigens``, the same on all ranks. Only rank 0 writes the caches.
+own shard of the calibration data; each covariance is summed over the ranks onto the rank that
+decomposes its layers (the layers shared out by cost), so a rank holds about 1/world of them, and
+every rank ends with every layer's ``eigens``, the same on all ranks. With a ``covariance_file``
+to write or ``prune_temporary_fields=False`` every rank receives every covariance. Only rank 0
+writes the caches.
 """
 
 from __future__ import annotations
@@ -68,11 +70,15 @@ def collect_covariances(
     share_inputs: bool = True,
     counts: dict[str, int] | None = None,
     model_weights: str | None = None,
+    owners: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Covariances of the target layers: from ``covariance_file`` when it matches, else by calibration.
 
     ``counts``, when given, receives each target's number of calibration calls (PEFT's ``sample_count``);
     ``model_weights`` is the running model's :func:`weights_key` when the caller already has it.
+    Under ``torch.distributed`` with several ranks the calibration is summed over the ranks; when
+    ``owners`` is given (and no ``covariance_file`` is to be written) each rank keeps only the
+    covariances of the layers it decomposes, and ``owners`` receives every layer's rank.
     """
     cov_file = lora_config.corda_config.covariance_file
     meta = {
@@ -89,7 +95,10 @@ def collect_covariances(
         raise ValueError("run_model must be given when neither cache_file nor covariance_file exists yet")
     hooked = model if hooked_model is None else hooked_model
     hooked_targets = targets if hooked_model is None else target_modules(hooked, lora_config)
-    collector = CovarianceCollector(hooked_targets, normalization=normalization, share_inputs=share_inputs)
+    share_out = owners is not None and cov_file is None and distributed.active()
+    collector = CovarianceCollector(
+        hooked_targets, normalization=normalization, share_inputs=share_inputs, share_out=share_out
+    )
     was_training = hooked.training
     hooked.eval()
     _ACTIVE.append(collector)
@@ -100,10 +109,12 @@ def collect_covariances(
         _ACTIVE.pop()
         hooked.train(was_training)
     found = collector.covariances()
-    missing = [name for name in targets if name not in found]
+    missing = [name for name in targets if name not in collector.acc_of]
     if missing:
         raise ValueError(f"calibration never reached target layer(s) {', '.join(missing[:5])}")
-    covs = {name: found[name].cpu() for name in targets}
+    if share_out:
+        owners.update(collector.owners)
+    covs = {name: found[name].cpu() for name in targets if name in found}
     if lora_config.corda_config.use_float16_for_covariance:
         covs = _as_float16(covs)
     if counts is not None:
@@ -190,7 +201,10 @@ def preprocess_corda(
             attach(name, *data[name])
         return
 
+    rank, world = distributed.rank_and_world()
     counts: dict[str, int] = {}
+    # several ranks: each keeps only the covariances it decomposes, unless PEFT's fields need them all
+    owners: dict[str, int] | None = {} if world > 1 and cfg.prune_temporary_fields else None
     covs = collect_covariances(
         model,
         lora_config,
@@ -201,18 +215,20 @@ def preprocess_corda(
         share_inputs=share_inputs,
         counts=counts,
         model_weights=meta["model_weights"],
+        owners=owners,
     )
-    rank, world = distributed.rank_and_world()
+    if world > 1 and not owners:  # every covariance here (from a file, or for PEFT's fields)
+        owners = layer_owners(targets, covs, world)
+    mine = targets if world == 1 else {name: m for name, m in targets.items() if owners[name] == rank}
     stored: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     layers = decompose_layers(
-        targets,
-        covs,
+        mine,
+        {name: covs[name] for name in mine},
         ranks,
         cfg.corda_method,
         method=method,
         progress=bool(cfg.verbose) and rank == 0,
         screen=damping_screen,
-        shard=(rank, world) if world > 1 else None,
     )
     for res in layers:
         if world == 1:
@@ -221,7 +237,7 @@ def preprocess_corda(
             stored[res.name] = (res.U, res.S, res.V)
     if world > 1:  # each rank decomposed its share: every layer's triplets from its owner
         shapes = {name: (*linear_weight(m).shape, ranks[name]) for name, m in targets.items()}
-        stored = distributed.share_triplets(stored, layer_owners(targets, covs, world), shapes)
+        stored = distributed.share_triplets(stored, owners, shapes)
         for name, (U, S, V) in stored.items():
             attach(name, U, S, V)
     if not cfg.prune_temporary_fields:  # what PEFT leaves behind when asked not to prune

@@ -7,8 +7,10 @@ gets from that covariance (each unit is decomposed exactly as one process decomp
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+from unittest import mock
 
 import pytest
 import torch
@@ -16,8 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from corda_kernels.engine import distributed
+from corda_kernels.engine.calibration import NonFiniteActivationError
 from corda_kernels.engine.pipeline import decompose_layers, layer_owners, plan_units
-from corda_kernels.peft import layer_ranks, preprocess_corda, target_modules
+from corda_kernels.peft import collect_covariances, layer_ranks, preprocess_corda, target_modules
 from tests.test_peft_parity import MODELS, lora_config
 from tests.tiny_models import sequences
 
@@ -30,22 +33,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, port: int, arch: str, method: str, seqs: list[torch.Tensor], out: str) -> None:
+def _init(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+
+
+def _rank_main(rank: int, port: int, arch: str, method: str, prune: bool, seqs: list[torch.Tensor], out: str) -> None:
+    _init(rank, port)
+    if not prune:  # small buckets: tensors cut into pieces, pieces of several tensors in one bucket
+        distributed.BUCKET_BYTES = 8 * 1000
     try:
         build, targets = MODELS[arch]
         model = build(0)
-        cfg = lora_config(targets, method, prune_temporary_fields=False)
+        cfg = lora_config(targets, method, prune_temporary_fields=prune)
+        held: dict[str, torch.Tensor] = {}
+
+        def collect(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            covs = collect_covariances(*args, **kwargs)
+            held.update(covs)
+            return covs
+
         mine = seqs[rank::WORLD]
-        preprocess_corda(model, cfg, run_model=lambda: [model(s.unsqueeze(0)) for s in mine])
+        with mock.patch("corda_kernels.peft.collect_covariances", collect):
+            preprocess_corda(model, cfg, run_model=lambda: [model(s.unsqueeze(0)) for s in mine])
         mods = target_modules(model, cfg)
         torch.save(
             {
                 "eigens": {n: (m.eigens.U_WC, m.eigens.S_WC, m.eigens.V_WC) for n, m in mods.items()},
-                "covs": {n: m.covariance_matrix for n, m in mods.items()},
-                "counts": {n: m.sample_count for n, m in mods.items()},
+                "held": held,
+                "counts": {n: getattr(m, "sample_count", None) for n, m in mods.items()},
             },
             os.path.join(out, f"rank{rank}.pt"),
         )
@@ -53,11 +70,22 @@ def _rank_main(rank: int, port: int, arch: str, method: str, seqs: list[torch.Te
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", ["ipm", "kpm"])
-def test_two_ranks_match_one_process(arch: str, method: str, gen: torch.Generator, tmp_path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    ("arch", "method", "prune"),
+    [
+        ("llama", "ipm", True),
+        ("llama", "kpm", True),
+        ("gpt2", "ipm", True),
+        ("gpt2", "kpm", True),
+        ("llama", "kpm", False),
+        ("gpt2", "ipm", False),
+    ],
+)
+def test_two_ranks_match_one_process(arch: str, method: str, prune: bool, gen: torch.Generator, tmp_path) -> None:  # noqa: ANN001
+    """Pruned (PEFT's default): each covariance summed on the rank that decomposes it, held nowhere
+    else. ``prune_temporary_fields=False``: every rank holds every covariance (PEFT's fields)."""
     seqs = sequences(gen, 7, lo=8, hi=30)  # an odd count: the shards differ in size
-    mp.spawn(_rank_main, args=(_free_port(), arch, method, seqs, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(_free_port(), arch, method, prune, seqs, str(tmp_path)), nprocs=WORLD, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     build, targets = MODELS[arch]
@@ -66,19 +94,30 @@ def test_two_ranks_match_one_process(arch: str, method: str, gen: torch.Generato
     preprocess_corda(model, cfg, run_model=lambda: [model(s.unsqueeze(0)) for s in seqs])
     mods = target_modules(model, cfg)
 
+    if prune:  # every layer's covariance on exactly one rank: the one layer_owners names
+        held = [set(g["held"]) for g in got]
+        assert held[0].isdisjoint(held[1]) and held[0] | held[1] == set(mods), held
+        covs = {**got[0]["held"], **got[1]["held"]}
+        assert layer_owners(mods, covs, WORLD) == {n: 0 if n in held[0] else 1 for n in mods}
+        assert all(held), "both ranks must own work"
+    else:
+        assert all(set(g["held"]) == set(mods) for g in got)
+        covs = got[0]["held"]
+        for name, module in mods.items():
+            assert all(g["counts"][name] == module.sample_count for g in got), name
     tokens = sum(len(s) for s in seqs)
     tol = 10 * tokens**0.5 * torch.finfo(torch.float32).eps
     for name, module in mods.items():
-        for r in range(WORLD):
-            assert got[r]["counts"][name] == module.sample_count, name
-            C = got[r]["covs"][name]
-            err = float((C.double() - module.covariance_matrix.double()).norm() / module.covariance_matrix.norm())
-            assert err < tol, (name, r, err, tol)
-            for a, b in zip(got[r]["eigens"][name], got[0]["eigens"][name]):
-                assert torch.equal(a, b), (name, r)
+        for g in got:
+            if name in g["held"]:
+                C = g["held"][name]
+                err = float((C.double() - module.covariance_matrix.double()).norm() / module.covariance_matrix.norm())
+                assert err < tol, (name, err, tol)
+        for g in got:
+            for a, b in zip(g["eigens"][name], got[0]["eigens"][name]):
+                assert torch.equal(a, b), name
 
-    # the decomposition of the summed covariance is the one a single process computes from it
-    covs = got[0]["covs"]
+    # the decomposition of the summed covariances is the one a single process computes from them
     if arch == "llama":  # q/k/v and gate/up read one input each
         assert len({id(c) for c in covs.values()}) < len(covs), "shared inputs must stay shared"
     ranks = layer_ranks(cfg, list(mods))
@@ -91,30 +130,58 @@ def test_two_ranks_match_one_process(arch: str, method: str, gen: torch.Generato
     for name in mods:
         U, S, V = got[0]["eigens"][name]
         assert torch.equal(U, alone[name].U) and torch.equal(S, alone[name].S) and torch.equal(V, alone[name].V), name
-    assert set(layer_owners(mods, covs, WORLD).values()) == set(range(WORLD)), "both ranks must own work"
 
 
-def test_plan_units_cover_each_layer_once() -> None:
-    build, targets = MODELS["llama"]
-    model = build(0)
-    cfg = lora_config(targets, "ipm")
-    mods = target_modules(model, cfg)
-    n = model.config.hidden_size
-    shared = torch.eye(n)
-    covs = {name: shared if m.in_features == n else torch.eye(m.in_features) for name, m in mods.items()}
+def _rank_nan(rank: int, port: int, prune: bool, seqs: list[torch.Tensor], out: str) -> None:
+    _init(rank, port)
+    try:
+        build, targets = MODELS["llama"]
+        model = build(0)
+        if rank == 1:  # this rank's activations turn NaN: every rank must stop, naming a layer
+            model.model.embed_tokens.weight.data[seqs[1][0]] = float("nan")
+        cfg = lora_config(targets, "ipm", prune_temporary_fields=prune)
+        mine = seqs[rank::WORLD]
+        try:
+            preprocess_corda(model, cfg, run_model=lambda: [model(s.unsqueeze(0)) for s in mine])
+            message = "no error"
+        except NonFiniteActivationError as err:
+            message = str(err)
+        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_non_finite_on_one_rank_stops_every_rank(prune: bool, gen: torch.Generator, tmp_path) -> None:  # noqa: ANN001
+    seqs = sequences(gen, 4, lo=8, hi=30)
+    mp.spawn(_rank_nan, args=(_free_port(), prune, seqs, str(tmp_path)), nprocs=WORLD, join=True)
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
+    assert all(m.startswith("layer model.layers.") and "not finite" in m for m in messages), messages
+
+
+def test_a_ranks_layers_plan_into_its_units(gen: torch.Generator) -> None:
+    """Every layer in one unit; a rank's layers, planned alone, give exactly the units it owns
+    (so it decomposes them as one process does), for widths spanning several units."""
+    mods: dict[str, torch.nn.Module] = {}
+    covs: dict[str, torch.Tensor] = {}
+    for i, (n_in, n_out, readers) in enumerate([(8, 5, 1)] * 19 + [(12, 7, 3)] * 5 + [(8, 9, 2)] * 4):
+        C = torch.eye(n_in)
+        for j in range(readers):  # layers reading one input share their covariance object
+            name = f"layer{i}.{j}"
+            mods[name] = torch.nn.Linear(n_in, n_out + int(torch.randint(0, 3, (1,), generator=gen)))
+            covs[name] = C
     units = plan_units(mods, covs)
-    names = [name for u in units for name in u.names]
-    assert sorted(names) == sorted(mods)
+    assert sorted(name for u in units for name in u.names) == sorted(mods)
+    assert sum(len(u.chunk) == 8 for u in units) >= 2 and any(len(u.chunk) < 8 for u in units)
     for world in (1, 2, 3, 5):
+        owner = distributed.assign_by_cost([u.cost(mods) for u in units], world)
         owners = layer_owners(mods, covs, world)
-        assert set(owners) == set(mods) and all(0 <= o < world for o in owners.values())
-    owners = layer_owners(mods, covs, 2)
-    ranks = layer_ranks(cfg, list(mods))
-    for r in range(2):
-        got = [res.name for res in decompose_layers(mods, covs, ranks, "ipm", progress=False, shard=(r, 2))]
-        assert sorted(got) == sorted(name for name, o in owners.items() if o == r)
-    with pytest.raises(ValueError, match="shard"):
-        next(decompose_layers(mods, covs, ranks, "ipm", progress=False, shard=(2, 2)))
+        assert owners == {name: o for u, o in zip(units, owner) for name in u.names}
+        for r in range(world):
+            mine = {name: m for name, m in mods.items() if owners[name] == r}
+            planned = [u.names for u in plan_units(mine, covs)] if mine else []
+            assert planned == [u.names for u, o in zip(units, owner) if o == r]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])

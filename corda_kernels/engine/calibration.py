@@ -67,7 +67,7 @@ class Accumulator:
     device: torch.device
     normalization: str
     members: list[str] = field(default_factory=list)
-    C: torch.Tensor | None = None  # (rounds, n, n) float32, upper triangle valid until finalized
+    C: torch.Tensor | None = None  # (rounds, n, n) float32, upper triangle until finalized; None: on another rank
     weight: torch.Tensor | None = None  # (rounds,) float64: sequences (peft) or tokens (mean)
     samples: int = 0  # samples applied (each read by every member)
     pending: _Sample | None = None
@@ -175,6 +175,13 @@ def _update(C: torch.Tensor, x3, mask, scale, bucket) -> None:  # noqa: ANN001
         covariance_update(C, x3, mask=mask, seq_scale=scale, seq_bucket=bucket, upper_only=True)
 
 
+def _nonfinite(acc: Accumulator) -> NonFiniteActivationError:
+    return NonFiniteActivationError(
+        f"layer {acc.members[0]}: NaN or Inf in its input activations, or a calibration sequence "
+        "whose max activation is 0 (PEFT's normalization divides by it): the covariance is not finite"
+    )
+
+
 class CovarianceCollector:
     """Hooks ``modules`` (name → layer) and accumulates their input covariances.
 
@@ -183,7 +190,10 @@ class CovarianceCollector:
     :meth:`candidates` give the finished ``(n, n)`` / ``(K, n, n)`` float32 matrices and
     ``calls[name]`` the number of forward calls each layer saw (PEFT's ``sample_count``).
     ``sum_over_ranks`` (default): inside a ``torch.distributed`` group of several ranks, finalizing
-    adds every rank's sums, counts and calls (a collective: every rank must finalize).
+    adds every rank's sums, counts and calls (a collective: every rank must finalize). With
+    ``share_out`` each covariance is summed only on the rank that decomposes it
+    (:func:`~corda_kernels.engine.pipeline.layer_owners`, recorded in ``owners``): the others drop
+    theirs, and :meth:`covariances` gives this rank's share.
     """
 
     def __init__(
@@ -195,6 +205,7 @@ class CovarianceCollector:
         share_inputs: bool = True,
         device: torch.device | str | None = None,
         sum_over_ranks: bool = True,
+        share_out: bool = False,
     ) -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
@@ -208,6 +219,8 @@ class CovarianceCollector:
         self.share_inputs = share_inputs
         self.device = None if device is None else torch.device(device)
         self.sum_over_ranks = sum_over_ranks
+        self.share_out = share_out
+        self.owners: dict[str, int] | None = None  # layer → rank holding its covariance (share_out)
         self.acc_of: dict[str, Accumulator] = {}
         self.calls: dict[str, int] = {name: 0 for name in modules}
         self.order: list[str] = []  # layers in the order of their first call
@@ -333,11 +346,8 @@ class CovarianceCollector:
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteActivationError` naming the first layer whose covariance is not finite."""
         for acc in self.accumulators():
-            if not bool(torch.isfinite(acc.C.sum()) or torch.isfinite(acc.C).all()):
-                raise NonFiniteActivationError(
-                    f"layer {acc.members[0]}: NaN or Inf in its input activations, or a calibration sequence "
-                    "whose max activation is 0 (PEFT's normalization divides by it): the covariance is not finite"
-                )
+            if acc.C is not None and not bool(torch.isfinite(acc.C.sum()) or torch.isfinite(acc.C).all()):
+                raise _nonfinite(acc)
 
     def finalize(self) -> None:
         """Apply what is pending, check, mirror the triangles; idempotent. Layers never called get no covariance."""
@@ -350,13 +360,24 @@ class CovarianceCollector:
             acc.flush()
             acc.buf = None
         if self.sum_over_ranks and distributed.active():
-            distributed.reduce_collector(self)
+            if self.share_out:
+                self.owners = self._owners()
+            bad = distributed.reduce_collector(self, self.owners)
+            if bad:  # on every rank, whichever holds the sums
+                raise _nonfinite(self.accumulators()[bad[0]])
         self.check_finite()
         for acc in self.accumulators():
-            symmetrize_(acc.C)
+            if acc.C is not None:
+                symmetrize_(acc.C)
             acc.last = None
         self._recent.clear()
         self._finalized = True
+
+    def _owners(self) -> dict[str, int]:
+        from .pipeline import layer_owners
+
+        reached = {name: self.modules[name] for name in self.modules if name in self.acc_of}
+        return layer_owners(reached, {name: self.acc_of[name].C for name in reached}, distributed.rank_and_world()[1])
 
     def accumulators(self) -> list[Accumulator]:
         seen: dict[int, Accumulator] = {}
@@ -370,14 +391,20 @@ class CovarianceCollector:
         if name not in self.acc_of:
             raise ValueError(f"calibration never reached layer {name}: no covariance for it")
         acc = self.acc_of[name]
+        if acc.C is None:
+            raise ValueError(f"layer {name}: its covariances are held by rank {self.owners[name]}, not this one")
         if bool((acc.weight == 0).any()):
             raise ValueError(f"layer {name}: a calibration round received no sequence")
         return acc.C / acc.weight.to(acc.C).view(-1, 1, 1)
 
     def covariances(self) -> dict[str, torch.Tensor]:
-        """Every layer's covariance; layers that share an input share one tensor (same object)."""
+        """Every layer's covariance held here (``share_out``: this rank's share); layers that share an
+        input share one tensor (same object)."""
         out: dict[str, torch.Tensor] = {}
+        self.finalize()
         for acc in self.accumulators():
+            if acc.C is None:
+                continue
             C = self.covariance(acc.members[0])
             out.update(dict.fromkeys(acc.members, C))
         return out
@@ -388,6 +415,8 @@ class CovarianceCollector:
         if name not in self.acc_of:
             raise ValueError(f"calibration never reached layer {name}: no covariance for it")
         acc = self.acc_of[name]
+        if acc.C is None:
+            raise ValueError(f"layer {name}: its covariance is held by rank {self.owners[name]}, not this one")
         total = float(acc.weight.sum())
         if total == 0:
             raise ValueError(f"layer {name}: calibration saw no real token")

@@ -7,7 +7,8 @@ Nothing here starts a process group: under one (``torchrun``, or a user's own
   the layers' call counts over the ranks once, at the end, in float64 and in buckets
   (:func:`reduce_collector`), after checking that every rank calibrated the same layers with the
   same input sharing — each rank having run its own shard of the calibration data, the result is
-  a single process's over all shards, up to summation order;
+  a single process's over all shards, up to summation order. The sums reach every rank, or only
+  the rank that decomposes the layer (then each rank holds about 1/world of the covariances);
 * the decomposition is split into the units the single-process pipeline runs (a damping chunk's
   batch of same-shaped layers), assigned to ranks longest first by an estimated cost
   (:func:`assign_by_cost`), each computed exactly as one process computes it, and the cropped
@@ -56,40 +57,77 @@ def _short(value: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
-def all_reduce_sums(tensors: list[torch.Tensor]) -> None:
-    """Replace every tensor by its sum over the ranks, added in float64, in place (any dtype and device).
+def _pieces(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(tensor, flat piece)`` pairs: every tensor's flat view cut into pieces of at most a bucket."""
+    step = BUCKET_BYTES // 8
+    out = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        out += [(t, piece) for piece in flat.split(step)]
+    return out
 
-    Consecutive tensors share one all-reduce up to :data:`BUCKET_BYTES` of float64.
+
+def sum_over_ranks(tensors: list[torch.Tensor], dst: int | None = None) -> None:
+    """Add each tensor up over the ranks in float64, in place (any dtype and device, contiguous).
+
+    ``dst=None``: every rank receives the sums (all-reduce); else only rank ``dst`` does (reduce)
+    and the others' tensors are left as they were. Consecutive tensors share a collective up to
+    :data:`BUCKET_BYTES` of float64; a larger tensor goes in pieces, so the float64 copy in
+    flight is at most a bucket.
     """
+    for t in tensors:
+        if not t.is_contiguous():
+            raise ValueError("sum_over_ranks: tensors must be contiguous (they are summed in place)")
     dev = _comm_device()
     bucket: list[torch.Tensor] = []
     size = 0
-    for t in [*tensors, None]:
-        if t is not None and (not bucket or size + t.numel() * 8 <= BUCKET_BYTES):
-            bucket.append(t)
-            size += t.numel() * 8
+    for piece in [p for _, p in _pieces(tensors)] + [None]:
+        if piece is not None and size + piece.numel() * 8 <= BUCKET_BYTES:
+            bucket.append(piece)
+            size += piece.numel() * 8
             continue
         if bucket:
-            flat = torch.cat([b.detach().reshape(-1).to(device=dev, dtype=torch.float64) for b in bucket])
-            dist.all_reduce(flat)
-            for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
-                b.copy_(part.view(b.shape).to(device=b.device, dtype=b.dtype))
-        bucket, size = ([t], t.numel() * 8) if t is not None else ([], 0)
+            flat = torch.cat([b.to(device=dev, dtype=torch.float64) for b in bucket])
+            if dst is None:
+                dist.all_reduce(flat)
+            else:
+                dist.reduce(flat, dst=dst)
+            if dst is None or dist.get_rank() == dst:
+                for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
+                    b.copy_(part.to(device=b.device, dtype=b.dtype))
+        bucket, size = ([piece], piece.numel() * 8) if piece is not None else ([], 0)
 
 
-def reduce_collector(collector) -> None:  # noqa: ANN001
+def reduce_collector(collector, owners: dict[str, int] | None = None) -> list[int]:  # noqa: ANN001
     """Sum a :class:`~corda_kernels.engine.calibration.CovarianceCollector`'s flushed accumulators over the ranks.
 
     Checks first that every rank saw the same layers, grouped the same way by shared input, with
-    the same widths and rounds; raises ``ValueError`` naming the difference otherwise.
+    the same widths and rounds; raises ``ValueError`` naming the difference otherwise. Counts and
+    call counts reach every rank. The raw sums ``C`` reach every rank, or with ``owners`` (layer
+    name → rank) only the owner of each accumulator's layers, the others dropping theirs
+    (``C = None``). Returns the indices (in ``collector.accumulators()``) of the accumulators whose
+    sums are not finite on their owner, the same list on every rank.
     """
-    accs = sorted(collector.accumulators(), key=lambda a: sorted(a.members)[0])
+    accs = collector.accumulators()
     layout = [(tuple(sorted(a.members)), a.n, a.rounds) for a in accs]
-    check_same(layout, "the calibrated layers and which of them read one input")
+    check_same(sorted(layout), "the calibrated layers and which of them read one input")
     names = sorted(collector.calls)
     calls = torch.tensor([collector.calls[n] for n in names], dtype=torch.float64)
-    all_reduce_sums([a.C for a in accs] + [a.weight for a in accs] + [calls])
+    sum_over_ranks([a.weight for a in accs] + [calls])
     collector.calls.update({n: int(c) for n, c in zip(names, calls.tolist())})
+    by_name = sorted(range(len(accs)), key=lambda i: sorted(accs[i].members)[0])  # the same order on every rank
+    if owners is None:
+        sum_over_ranks([accs[i].C for i in by_name])
+        return [i for i in range(len(accs)) if not bool(torch.isfinite(accs[i].C).all())]
+    rank = dist.get_rank()
+    dst = {i: owners[accs[i].members[0]] for i in by_name}
+    for i in by_name:
+        sum_over_ranks([accs[i].C], dst=dst[i])
+        if dst[i] != rank:
+            accs[i].C = None
+    bad = torch.tensor([float(accs[i].C is not None and not bool(torch.isfinite(accs[i].C).all())) for i in by_name])
+    sum_over_ranks([bad])
+    return sorted(i for i, flag in zip(by_name, bad.tolist()) if flag)
 
 
 def assign_by_cost(costs: list[float], world: int) -> list[int]:

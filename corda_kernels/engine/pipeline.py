@@ -4,7 +4,7 @@ Layers that share an input covariance (the same tensor object) share its damped 
 same-width covariances are damped as one batch (a *unit*: up to ``_DAMP_BATCH`` covariances and
 every layer that reads them). Only the cropped triplets of each layer are handed on, so the full
 ``U``/``V`` of one layer at most are alive at any moment. Under ``torch.distributed`` the units are
-shared out by cost (``shard``) and each is computed exactly as one process computes it.
+shared out by cost (:func:`layer_owners`) and each is computed exactly as one process computes it.
 """
 
 from __future__ import annotations
@@ -99,7 +99,13 @@ def plan_units(modules: dict[str, nn.Module], covariances: dict[str, torch.Tenso
 
 
 def layer_owners(modules: dict[str, nn.Module], covariances: dict[str, torch.Tensor], world: int) -> dict[str, int]:
-    """The rank that decomposes each layer when ``world`` ranks share the units (longest first)."""
+    """The rank that decomposes each layer when ``world`` ranks share the units (longest first).
+
+    Only the covariances' widths and which layers share one (the same object) matter. The layers
+    of one rank, in ``modules``' order, are planned by :func:`plan_units` into exactly the units
+    it was given (same-width units are consecutive chunks of ``_DAMP_BATCH`` and only the last of
+    a width is short), so each is decomposed as one process decomposes it.
+    """
     units = plan_units(modules, covariances)
     owners = assign_by_cost([u.cost(modules) for u in units], world)
     return {name: owner for unit, owner in zip(units, owners) for name in unit.names}
@@ -115,7 +121,6 @@ def decompose_layers(
     progress: bool = True,
     extremes: bool = False,
     screen: bool = True,
-    shard: tuple[int, int] | None = None,
 ) -> Iterator[LayerResult]:
     """Yield each layer's cropped CO-SVD (IPM: top ``r``, KPM: bottom ``r``), grouped by covariance.
 
@@ -127,17 +132,11 @@ def decompose_layers(
     (Lanczos, :func:`~corda_kernels.ops.spectra.eig_extremes_fast`) and their ``lambda_rel_bound``.
     ``info["damp_check"]`` says whether the damp was accepted by the screen or by the literal
     check (:mod:`corda_kernels.ops.damping`); ``screen=False`` runs the literal rule for every layer.
-    ``shard=(rank, world)`` yields only the layers :func:`layer_owners` gives to ``rank``.
+    Given the layers :func:`layer_owners` gives one rank, it runs exactly that rank's units.
     """
     which = which_for(corda_method)
     check_ranks(modules, ranks)
     units = plan_units(modules, covariances)
-    if shard is not None:
-        rank, world = shard
-        if not 0 <= rank < world:
-            raise ValueError(f"shard: rank {rank} must be in [0, {world})")
-        owners = assign_by_cost([u.cost(modules) for u in units], world)
-        units = [u for u, owner in zip(units, owners) if owner == rank]
     bar = tqdm(total=sum(len(u.names) for u in units), desc="CO-SVD", unit="layer", disable=not progress)
     for unit in units:
         chunk = unit.chunk
