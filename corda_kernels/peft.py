@@ -31,6 +31,7 @@ from torch import nn
 from .engine import cache, distributed
 from .engine.calibration import CovarianceCollector
 from .engine.layers import in_features, linear_weight, target_modules
+from .engine.offload import Offload
 from .engine.pipeline import check_ranks, decompose_layers, layer_owners
 
 weights_key = cache.fingerprint_model  # the content key of the weights the drop-in's caches record
@@ -190,9 +191,10 @@ def preprocess_corda(
         "model_weights": weights_key(model if hooked_model is None else hooked_model),  # once per call
     }
     CordaEigens = _eigens_class()
+    offload = Offload(model)
 
     def attach(name: str, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
-        dev = targets[name].weight.device
+        dev = offload.device(name, targets[name])
         targets[name].eigens = CordaEigens(S_WC=S.to(dev), U_WC=U.to(dev), V_WC=V.to(dev))
 
     if cache.exists(cfg.cache_file):
@@ -229,6 +231,7 @@ def preprocess_corda(
         method=method,
         progress=bool(cfg.verbose) and rank == 0,
         screen=damping_screen,
+        offload=offload,
     )
     for res in layers:
         if world == 1:
@@ -244,7 +247,7 @@ def preprocess_corda(
         for name, module in targets.items():
             if name in counts:  # PEFT sets it only when it calibrated (not from a covariance file)
                 module.sample_count = counts[name]
-            module.covariance_matrix = covs[name].to(module.weight.device)
+            module.covariance_matrix = covs[name].to(offload.device(name, module))
             module.corda_method = cfg.corda_method
             module.rank = ranks[name]
     if cfg.cache_file is not None:

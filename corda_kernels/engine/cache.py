@@ -91,26 +91,51 @@ def _difference(key: str, have: Any, want: Any) -> str:
     return f"{key}={have!r}, this run has {key}={want!r}"
 
 
+def _sampled(name: str, t: torch.Tensor, samples: int) -> tuple[bytes, bytes]:
+    """What the content key records of one tensor: its header and ``samples`` evenly spaced values."""
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // samples)
+    picked = flat[::step][:samples].to("cpu", torch.float64).contiguous()
+    return f"{name}|{tuple(t.shape)}|{t.dtype}|".encode(), picked.numpy().tobytes()
+
+
+def _key(entries: dict[str, tuple[bytes, bytes]]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(entries):
+        h.update(entries[name][0])
+        h.update(entries[name][1])
+    return h.hexdigest()
+
+
 def fingerprint_tensors(tensors: dict[str, torch.Tensor], samples: int = 4096) -> str:
     """A content key of named tensors: names, shapes, dtypes and ``samples`` evenly spaced values of each.
 
     Cheap at any size (a strided gather, not a pass over every byte), and it changes with any
     retraining, fine-tuning or re-initialization of the weights, which move every sampled value.
     """
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach()
-        flat = t.reshape(-1)
-        step = max(1, flat.numel() // samples)
-        picked = flat[::step][:samples].to("cpu", torch.float64).contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(picked.numpy().tobytes())
-    return h.hexdigest()
+    return _key({name: _sampled(name, t, samples) for name, t in tensors.items()})
 
 
-def fingerprint_model(model: torch.nn.Module) -> str:
-    """The content key of a model's weights: :func:`fingerprint_tensors` of every named parameter."""
-    return fingerprint_tensors(dict(model.named_parameters()))
+def fingerprint_model(model: torch.nn.Module, samples: int = 4096) -> str:
+    """The content key of a model's weights: :func:`fingerprint_tensors` of every named parameter.
+
+    Parameters that accelerate keeps offloaded are read one offloaded block at a time; the key is
+    the one of the same weights held in memory.
+    """
+    from .offload import Offload
+
+    entries = {n: _sampled(n, p, samples) for n, p in model.named_parameters() if p.device.type != "meta"}
+    offload = Offload(model)
+    for prefix, block in offload.blocks.items():
+        with offload.onloaded([prefix]):
+            for n, p in block.named_parameters():
+                full = f"{prefix}.{n}" if prefix else n
+                if full not in entries and p.device.type != "meta":
+                    entries[full] = _sampled(full, p, samples)
+    missing = [n for n, _ in model.named_parameters() if n not in entries]
+    if missing:
+        raise ValueError(f"parameter(s) {', '.join(missing[:5])} hold no data (on the meta device, not offloaded)")
+    return _key(entries)
 
 
 def fingerprint_ids(ids: torch.Tensor) -> str:

@@ -9,6 +9,7 @@ shared out by cost (:func:`layer_owners`) and each is computed exactly as one pr
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from ..ops.damping import DampingError, damp_covariance
 from ..ops.spectra import eig_extremes_fast
 from .distributed import assign_by_cost
 from .layers import linear_weight
+from .offload import Offload
 
 CORDA_METHODS = ("ipm", "kpm")
 _DAMP_BATCH = 8  # covariances damped together (bounded memory: 2 extra n×n per matrix)
@@ -121,6 +123,7 @@ def decompose_layers(
     progress: bool = True,
     extremes: bool = False,
     screen: bool = True,
+    offload: Offload | None = None,
 ) -> Iterator[LayerResult]:
     """Yield each layer's cropped CO-SVD (IPM: top ``r``, KPM: bottom ``r``), grouped by covariance.
 
@@ -133,6 +136,8 @@ def decompose_layers(
     ``info["damp_check"]`` says whether the damp was accepted by the screen or by the literal
     check (:mod:`corda_kernels.ops.damping`); ``screen=False`` runs the literal rule for every layer.
     Given the layers :func:`layer_owners` gives one rank, it runs exactly that rank's units.
+    ``offload`` (the model's :class:`~corda_kernels.engine.offload.Offload`) reads weights that
+    accelerate keeps offloaded, one batch of layers at a time.
     """
     which = which_for(corda_method)
     check_ranks(modules, ranks)
@@ -164,7 +169,8 @@ def decompose_layers(
                 batches.setdefault(key, []).append((name, i))
         for (shape, r), members in batches.items():
             t1 = time.perf_counter()
-            W = torch.stack([linear_weight(modules[name]).detach() for name, _ in members])
+            with offload.onloaded([name for name, _ in members]) if offload else contextlib.nullcontext():
+                W = torch.stack([linear_weight(modules[name]).detach() for name, _ in members])
             Cb = C_fix[[i for _, i in members]]
             meta: dict = {}
             U, S, V = cosvd(W, Cb, rank=r, which=which, C_fix=Cb, method=method, info=meta)
