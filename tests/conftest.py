@@ -33,3 +33,26 @@ def _torch_backend_default():
     before = ck.get_backend()
     yield
     ck.set_backend(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):  # noqa: ANN001, ANN201
+    """A tiny LLaMA and a word-level tokenizer over pydoc's most frequent words, saved as a model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from corda_kernels.engine import data
+    from tests.tiny_models import VOCAB, tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    words: dict[str, int] = {}
+    for w in data.pydoc_text().split():
+        words[w] = words.get(w, 0) + 1
+    vocab = {"[UNK]": 0}
+    for w, _ in sorted(words.items(), key=lambda kv: -kv[1])[: VOCAB - 1]:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]").save_pretrained(path)
+    tiny_llama(seed=3).save_pretrained(path)
+    return path

@@ -21,24 +21,7 @@ from corda_kernels.engine import data
 from corda_kernels.engine.cache import CacheMismatchError
 from corda_kernels.ops.damping import fix_covariance
 from tests.conftest import rel_err
-from tests.tiny_models import VOCAB, tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:  # noqa: ANN001
-    """A tiny LLaMA and a word-level tokenizer over pydoc's most frequent words."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    words: dict[str, int] = {}
-    for w in data.pydoc_text().split():
-        words[w] = words.get(w, 0) + 1
-    vocab = {"[UNK]": 0}
-    for w, _ in sorted(words.items(), key=lambda kv: -kv[1])[: VOCAB - 1]:
-        vocab[w] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]").save_pretrained(path)
-    tiny_llama(seed=3).save_pretrained(path)
-    return path
+from tests.tiny_models import VOCAB
 
 
 def options(tiny_dir: Path, out: Path, **kw) -> InitOptions:  # noqa: ANN003

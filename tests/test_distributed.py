@@ -8,8 +8,13 @@ gets from that covariance (each unit is decomposed exactly as one process decomp
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -202,11 +207,52 @@ def test_inactive_without_a_group() -> None:
     assert distributed.rank_and_world() == (0, 1)
 
 
-def test_init_refuses_several_ranks(monkeypatch, tmp_path) -> None:  # noqa: ANN001
-    from corda_kernels.cli.init import InitOptions, run_init
+def _init_cli(tiny_dir: Path, out: Path, *extra: str, ranks: int = 1) -> None:
+    args = ["-m", "corda_kernels", "init", "--model", str(tiny_dir), "--data", "pydoc", "--samples", "7"]
+    args += ["--seq-len", "40", "--rank", "4", "--batch-size", "2", "--out", str(out), "--no-progress", *extra]
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-port={_free_port()}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default for its ranks: the same for one process
+    done = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
-    monkeypatch.setattr(distributed, "active", lambda: True)
-    monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 2))
-    with pytest.raises(RuntimeError, match="one process.*2 ranks"):
-        run_init(InitOptions(out=str(tmp_path / "out")))
-    assert not (tmp_path / "out").exists()
+
+@pytest.mark.parametrize(("mode", "extra"), [("ipm", ()), ("kpm", ("--dynamic", "--rounds", "2"))])
+def test_torchrun_init_matches_one_process(tiny_dir: Path, tmp_path: Path, mode: str, extra: tuple) -> None:
+    """``torchrun --nproc-per-node 2 -m corda_kernels init``: the covariances of all samples (within
+    10·√T·u₃₂ of one process's calibration, CorDA++'s rounds kept), and from them the very output one
+    process writes from the same covariances: adapters and residual bit for bit, the same files."""
+    from safetensors.torch import load_file
+
+    two, one, alone = tmp_path / "two", tmp_path / "one", tmp_path / "alone"
+    _init_cli(tiny_dir, two, "--mode", mode, *extra, ranks=2)
+    _init_cli(tiny_dir, alone, "--mode", mode, *extra)
+    one.mkdir()
+    shutil.copy2(two / "covariance.pt", one / "covariance.pt")  # a run resumes from the cached covariances
+    _init_cli(tiny_dir, one, "--mode", mode, *extra)
+
+    summed, single = (torch.load(d / "covariance.pt", weights_only=False)["data"] for d in (two, alone))
+    tokens = 7 * 40
+    tol = 10 * tokens**0.5 * torch.finfo(torch.float32).eps
+    for kind in ("covariances", "candidates"):
+        assert summed[kind].keys() == single[kind].keys()
+        for name, C in summed[kind].items():
+            err = float((C.double() - single[kind][name].double()).norm() / single[kind][name].double().norm())
+            assert err < tol, (kind, name, err, tol)
+    assert bool(summed["candidates"]) == ("--dynamic" in extra)
+
+    report = json.loads((two / "report.json").read_text())
+    assert [r["rank"] for r in report["extra"]["ranks"]] == [0, 1]
+    assert all("decompose" in r["stages"] for r in report["extra"]["ranks"])
+    assert report["verify"]["logits_rel_err"] < 1e-5
+    names = sorted(p.relative_to(one).as_posix() for p in one.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(two).as_posix() for p in two.rglob("*") if p.is_file())
+    for part in ("adapter/adapter_model.safetensors", "residual/model.safetensors"):
+        a, b = load_file(one / part), load_file(two / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    cfg_one, cfg_two = (json.loads((d / "adapter/adapter_config.json").read_text()) for d in (one, two))
+    for cfg in (cfg_one, cfg_two):
+        cfg.pop("base_model_name_or_path")
+        cfg["target_modules"] = sorted(cfg["target_modules"])  # PEFT writes a set
+    assert cfg_one == cfg_two

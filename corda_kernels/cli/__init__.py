@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 
+from ..engine import distributed
 from .init import DEFAULT_TARGETS, InitOptions, first_line, run_init
 
 # Subcommands registered by other modules: name -> (add_arguments, run)
@@ -70,7 +71,10 @@ def _run_init(args: argparse.Namespace) -> int:
         out=args.out,
         progress=not args.no_progress,
     )
-    report = run_init(opts)
+    with distributed.group_from_env():  # under torchrun: one process group for the run
+        report = run_init(opts)
+        if distributed.rank_and_world()[0] != 0:
+            return 0
     summary = {
         "out": opts.out,
         "stages_s": report.stages,

@@ -32,7 +32,7 @@ from ..engine import cache, data, distributed, stages
 from ..engine.adapters import lora_scaling
 from ..engine.layers import in_features, is_conv1d, linear_weight, target_modules
 from ..engine.outputs import output_hashes
-from ..engine.pipeline import check_ranks
+from ..engine.pipeline import LayerResult, check_ranks, layer_owners
 
 # PEFT's own "all-linear": every nn.Linear / Conv1D of the model but its output head (for LLaMA-style
 # models the seven projections, for GPT-2 c_attn / c_proj / c_fc)
@@ -135,13 +135,18 @@ def covariance_meta(
 def load_or_calibrate(model, targets, ids, opts: InitOptions, out: Path, meta: dict, rounds: int = 1):  # noqa: ANN001, ANN201
     """``{name: C}`` (shared tensors for shared inputs) and, with rounds > 1, ``{name: (K, n, n)}``."""
     path = out / "covariance.pt"
-    if cache.exists(path):
+    rank, world = distributed.rank_and_world()
+    stored = None
+    if rank == 0 and cache.exists(path):
         try:
             stored = cache.load_checked(path, "covariance", meta)
-            return stored["covariances"], stored["candidates"]
         except cache.CacheMismatchError as err:  # other weights, tokens or settings: calibrate anew
             if opts.progress:
                 print(f"corda-kernels init: recalibrating: {err}", file=sys.stderr)
+    if world > 1 and distributed.broadcast_object(stored is not None) and rank != 0:
+        stored = cache.load_checked(path, "covariance", meta)  # what rank 0 found valid
+    if stored is not None:
+        return stored["covariances"], stored["candidates"]
     got = stages.collect(
         model,
         targets,
@@ -150,8 +155,10 @@ def load_or_calibrate(model, targets, ids, opts: InitOptions, out: Path, meta: d
         rounds=rounds,
         batch_size=opts.batch_size,
         progress=opts.progress,
+        shard=(rank, world) if world > 1 else None,
     )
-    cache.save_atomic(path, "covariance", meta, {"covariances": got.covariances, "candidates": got.candidates})
+    if rank == 0:
+        cache.save_atomic(path, "covariance", meta, {"covariances": got.covariances, "candidates": got.candidates})
     return got.covariances, got.candidates
 
 
@@ -256,28 +263,42 @@ def run_init(opts: InitOptions) -> Report:
     ``.<out>.partial/`` beside it, which also keeps the resumable state (covariances, finished
     layers). Only a complete, verified output replaces ``--out``, as a whole, by two renames
     (:func:`publish`): ``--out`` always holds either the previous complete output or the new one.
-    It runs in one process: under ``torch.distributed`` with several ranks it raises ``RuntimeError``
-    (the drop-in ``corda_kernels.peft.preprocess_corda`` is the one that shares out the work).
+    Under ``torch.distributed`` with several ranks (``torchrun``, see :func:`~corda_kernels.engine.
+    distributed.group_from_env`) every rank loads the model and calibrates its share of the samples
+    (the sums added over the ranks), the layers' decompositions are shared out by cost, and rank 0
+    alone holds the lock, builds the adapters, writes, verifies and publishes; ``report.json``
+    records each rank's stages. A resumed run reads its covariance cache from the same path on
+    every rank (one machine, or a shared file system).
     """
-    if distributed.active():
-        raise RuntimeError(
-            "corda-kernels init runs in one process, not under a torch.distributed group of "
-            f"{distributed.rank_and_world()[1]} ranks: launch it without torchrun, or calibrate and "
-            "decompose across ranks with corda_kernels.peft.preprocess_corda"
-        )
     inputs = check_inputs(opts)
     opts = replace(opts, targets=inputs.targets)
     out = Path(opts.out)
-    with output_lock(out):
+    rank, world = distributed.rank_and_world()
+    if rank != 0:
+        if not distributed.broadcast_object(None):
+            raise RuntimeError(f"rank 0 could not take the lock on --out {out}; this rank stops too")
+        return _run_locked(opts, inputs, out)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(output_lock(out))
+        except BaseException:
+            if world > 1:
+                distributed.broadcast_object(False)
+            raise
+        if world > 1:
+            distributed.broadcast_object(True)
         return _run_locked(opts, inputs, out)
 
 
 def _run_locked(opts: InitOptions, inputs: Inputs, out: Path) -> Report:
-    recover(out)
+    rank, world = distributed.rank_and_world()
+    lead = rank == 0
     work = staging_dir(out)
-    work.mkdir(parents=True, exist_ok=True)
-    if not (work / "covariance.pt").exists() and (out / "covariance.pt").exists():  # resume from the last output
-        shutil.copy2(out / "covariance.pt", work / "covariance.pt")
+    if lead:
+        recover(out)
+        work.mkdir(parents=True, exist_ok=True)
+        if not (work / "covariance.pt").exists() and (out / "covariance.pt").exists():  # resume from the last output
+            shutil.copy2(out / "covariance.pt", work / "covariance.pt")
     report = Report(options=asdict(opts))
 
     with stage(report, "load"):
@@ -285,9 +306,12 @@ def _run_locked(opts: InitOptions, inputs: Inputs, out: Path) -> Report:
         ids = inputs.ids
         targets = target_modules(model, lora_config(opts))
         probe = ids[:1, : opts.verify_tokens]
-        with torch.inference_mode():
-            logits_before = model(probe).logits.float()
+        if lead:
+            with torch.inference_mode():
+                logits_before = model(probe).logits.float()
     fault_point("load")
+    if not lead:
+        opts = replace(opts, progress=False)
 
     rounds = opts.rounds if opts.dynamic else 1
     with stage(report, "calibrate"):
@@ -317,6 +341,10 @@ def _run_locked(opts: InitOptions, inputs: Inputs, out: Path) -> Report:
     with stage(report, "decompose"):
         adapters = decompose_into(model, targets, covs, ranks, alphas, opts, work, report, key)
     fault_point("decompose")
+    if world > 1:
+        report.extra["ranks"] = distributed.all_gather({"rank": rank, "stages": dict(report.stages)})
+        if not lead:
+            return report
 
     with stage(report, "export"):
         peft_model = export(model, tokenizer, targets, adapters, ranks, alphas, opts, work, report, final=out)
@@ -404,23 +432,32 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
         "rslora": opts.rslora,
         "covariance": key,
     }
+    rank, world = distributed.rank_and_world()
     done: dict[str, dict] = {}
-    if cache.exists(partial):
+    if rank == 0 and cache.exists(partial):
         try:
             done = cache.load_checked(partial, "partial-adapters", meta)
         except cache.CacheMismatchError:
             done = {}
+    if world > 1:
+        finished = distributed.broadcast_object(sorted(done))
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, item in done.items():
         W = linear_weight(targets[name])
         stages.set_residual(targets[name], (W.float() - item["scaling"] * (item["B"] @ item["A"])).to(W.dtype))
         adapters[name] = (item["A"], item["B"])
         report.layers[name] = item["info"]
-    todo = {name: m for name, m in targets.items() if name not in done}
-    last_save = time.perf_counter()
+    todo = {name: m for name, m in targets.items() if name not in (done if world == 1 else finished)}
+    mine = todo
+    if world > 1:
+        owners = layer_owners(todo, covs, world)
+        mine = {name: m for name, m in todo.items() if owners[name] == rank}
     layers = stages.decompose(
-        todo, covs, ranks, opts.mode, method=opts.method, screen=opts.damping_screen, progress=opts.progress
+        mine, covs, ranks, opts.mode, method=opts.method, screen=opts.damping_screen, progress=opts.progress
     )
+    if world > 1:  # every rank's share to rank 0, which builds the adapters
+        layers = _shared_results(list(layers), todo, ranks, owners)
+    last_save = time.perf_counter()
     for res in layers:
         s = lora_scaling(alphas[res.name], ranks[res.name], opts.rslora)
         A, B, row = stages.build(targets[res.name], res, s, opts.mode)
@@ -431,6 +468,17 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
             cache.save_atomic(partial, "partial-adapters", meta, done)
             last_save = time.perf_counter()
     return adapters
+
+
+def _shared_results(own: list[LayerResult], todo: dict, ranks: dict[str, int], owners: dict[str, int]) -> list:  # noqa: ANN001
+    """Rank 0: every layer's :class:`LayerResult`, each from the rank that decomposed it; others: ``[]``."""
+    shapes = {name: (*linear_weight(m).shape, ranks[name]) for name, m in todo.items()}
+    triplets = distributed.share_triplets({r.name: (r.U, r.S, r.V) for r in own}, owners, shapes)
+    infos = distributed.all_gather({r.name: (r.damp, r.info) for r in own})
+    if distributed.rank_and_world()[0] != 0:
+        return []
+    found = {name: item for part in infos for name, item in part.items()}
+    return [LayerResult(name, *triplets[name], *found[name]) for name in todo]
 
 
 def export(

@@ -19,6 +19,10 @@ Collectives go through the CPU with ``gloo`` and through the current CUDA device
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
@@ -37,6 +41,38 @@ def rank_and_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+@contextlib.contextmanager
+def group_from_env() -> Iterator[None]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) and no group yet: one for the block,
+    ``nccl`` where CUDA is available (each rank on device ``LOCAL_RANK``), else ``gloo``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def broadcast_object(value: object, src: int = 0) -> object:
+    """``value`` of rank ``src`` on every rank (small picklable objects)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather(value: object) -> list[object]:
+    """Every rank's ``value`` (small picklable objects), in rank order, on every rank."""
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def _comm_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -45,8 +81,7 @@ def _comm_device() -> torch.device:
 
 def check_same(value: object, what: str) -> None:
     """Raise ``ValueError`` unless every rank passes an equal ``value`` (``what`` names it)."""
-    gathered: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
+    gathered = all_gather(value)
     for r, other in enumerate(gathered):
         if other != gathered[0]:
             raise ValueError(f"ranks 0 and {r} disagree on {what}: {_short(gathered[0])} against {_short(other)}")

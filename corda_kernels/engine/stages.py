@@ -84,15 +84,26 @@ def collect(
     rounds: int = 1,
     batch_size: int = 8,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> Covariances:
-    """Run the calibration token ids ``(N, L)`` through ``model`` in batches with the hooks attached."""
-    collector = CovarianceCollector(targets, normalization=normalization, rounds=rounds)
+    """Run the calibration token ids ``(N, L)`` through ``model`` in batches with the hooks attached.
+
+    ``shard=(rank, world)``: this rank runs sequences ``rank, rank + world, …`` (each in the round
+    of its index among all ``N``) and the sums are added over the ranks of the current
+    ``torch.distributed`` group, so every rank gets the covariances of all ``N`` sequences.
+    """
+    collector = CovarianceCollector(
+        targets, normalization=normalization, rounds=rounds, sum_over_ranks=shard is not None
+    )
     runner = calibration_runner(model, targets)
-    batches = list(torch.split(ids, batch_size))
+    index = torch.arange(ids.shape[0])
+    if shard is not None:
+        index = index[shard[0] :: shard[1]]
+    batches = list(torch.split(index, batch_size))
     with collector.attached(), torch.no_grad():  # accumulators must stay normal tensors
         for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
-            collector.set_batch(torch.ones(batch.shape, dtype=torch.bool))
-            runner(input_ids=batch, use_cache=False)
+            collector.set_batch(torch.ones(len(batch), ids.shape[1], dtype=torch.bool), rounds=batch % rounds)
+            runner(input_ids=ids[batch], use_cache=False)
     candidates: dict[str, torch.Tensor] = {}
     if rounds > 1:
         for acc in collector.accumulators():
