@@ -554,3 +554,36 @@ def test_fast_cosvd_starts_dense_on_small_layers(gen: torch.Generator) -> None:
         U, S, V, infos = fast_cosvd(W, C_fix, rank=8, which="top", generator=gen)
         assert infos[0]["start"] == start, (m, n, infos)
         check(W, C_fix, (U, S, V), reference(W, C_fix), 8, "top", infos[0])
+
+
+def test_top_is_returned_only_converged(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Gaussian 1024² weight with C = I (PiSSA's case; the Marchenko–Pastur edge packs the top
+    singular values within 1e-3 of each other): the random Krylov start runs out of steps without
+    meeting its stopping rule, so the layer is done again from the dense start; where that does not
+    settle either, the exact SVD is taken. Either way the values agree with float64 to 1e-6."""
+    import corda_kernels.ops.cosvd as cosvd_pkg
+
+    n, r = 1024, 16
+    W = torch.randn(n, n, generator=gen) / n**0.5
+    eye = torch.eye(n)
+    truth = torch.linalg.svdvals(W.double())[:r]
+    U, S, V, infos = fast_cosvd(W, eye, rank=r, which="top", generator=gen)
+    assert infos[0]["converged"], infos
+    if "retried_from" in infos[0]:  # the usual case on this spectrum
+        assert infos[0]["start"] == "dense" and infos[0]["retried_from"]["iterations"] == 40
+    assert float(((S.double() - truth).abs() / truth).max()) < 1e-6, infos
+    assert rel_err(U @ torch.diag(S) @ V.T, U.double() @ (U.double().T @ W.double())) < 1e-5
+
+    real_top_r = cosvd_pkg.top_r
+
+    def never_settles(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        U, S, V, infos = real_top_r(*args, **kwargs)
+        return U, S, V, [{**info, "converged": False} for info in infos]
+
+    monkeypatch.setattr(cosvd_pkg, "top_r", never_settles)
+    W2 = torch.stack([W, torch.randn(n, n, generator=gen) / n**0.5])
+    U, S, V, infos = fast_cosvd(W2, eye, rank=r, which="top", generator=gen)
+    assert [info["method"] for info in infos] == ["exact-fallback"] * 2
+    for b in range(2):
+        truth = torch.linalg.svdvals(W2[b].double())[:r]
+        assert float(((S[b].double() - truth).abs() / truth).max()) < 1e-6

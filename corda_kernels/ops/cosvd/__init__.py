@@ -38,7 +38,10 @@ A final Rayleigh–Ritz step in float64 on the top ``r + 8`` Ritz vectors gives 
 posterior residual bound ``max_i ‖M v_i − σ̃_i u_i‖/σ̃_i`` (some singular value of ``M`` lies
 within it of each ``σ̃_i``), measured with one float32 product (float64 after the float64
 continuation). Above ``n = 4096`` the float32 products take the row-panel form ``(Xᵀ·C)·Wᵀ``,
-faster with thin blocks.
+faster with thin blocks. ``info["converged"]`` says whether the stopping rule was met; where it
+was not (the iteration ran out of steps: a top spectrum as packed as a Gaussian weight's at
+``k ≥ 1024``), :func:`fast_cosvd` does the matrix again from the dense start, and takes the exact
+SVD (``exact-fallback``) if that does not settle either.
 
 Bottom ``r`` (:func:`bottom_r`): everything in float64 (PEFT's fp32 product + fp32 SVD cannot
 resolve the bottom of a spectrum spanning 6–8 decades). ``A`` is the tall orientation of
@@ -184,10 +187,34 @@ def fast_cosvd(
     if which == "top":
         dense = min(Wb.shape[-2], Wb.shape[-1]) <= DENSE_MAX_K
         U, S, V, infos = top_r(Wb, Cb, rank, generator=generator, dense=dense)
+        U, S, V, infos = _certify_top(Wb, Cb, rank, (U, S, V), infos)
     elif which == "bottom":
         U, S, V, infos = bottom_r(Wb, Cb, rank, generator=generator)
     else:
         raise ValueError(f"fast_cosvd: which must be 'top' or 'bottom', got {which!r}")
     if single:
         return U[0], S[0], V[0], infos
+    return U, S, V, infos
+
+
+def _certify_top(
+    W: torch.Tensor, C_fix: torch.Tensor, rank: int, got: tuple[torch.Tensor, ...], infos: list[dict]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict]]:
+    """Matrices whose top iteration ran out of steps without meeting its stopping rule (a top
+    spectrum too flat for the random Krylov start to settle within the bound) are done again from
+    the dense start, and where that does not settle either, by the exact float64 SVD
+    (``info["method"] = "exact-fallback"``): a top result is returned only converged."""
+    U, S, V = got
+    todo = [b for b, info in enumerate(infos) if not info["converged"]]
+    if todo and infos[todo[0]]["start"] == "random":
+        U2, S2, V2, infos2 = top_r(W[todo], C_fix[todo], rank, dense=True)
+        for j, b in enumerate(todo):
+            U[b], S[b], V[b] = U2[j], S2[j], V2[j]
+            infos[b] = {**infos2[j], "retried_from": {k: infos[b][k] for k in ("iterations", "sv_rel_bound")}}
+        todo = [b for b in todo if not infos[b]["converged"]]
+    if todo:
+        Ue, Se, Ve = select(*torch.ops.corda_kernels.cosvd_full(W[todo], C_fix[todo]), rank, "top")
+        for j, b in enumerate(todo):
+            U[b], S[b], V[b] = Ue[j], Se[j], Ve[j]
+            infos[b] = {"method": "exact-fallback", "rejected": infos[b]}
     return U, S, V, infos

@@ -70,11 +70,12 @@ def _top_iterate(
     rank: int,
     tol: float,
     max_iters: int,
-) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adaptive subspace iteration in ``Q``'s dtype (float32 or float64), see the module doc.
 
     ``Q`` ``(B, m, l)`` orthonormal start. Returns the last basis, the iteration count, the
-    extrapolated remaining relative change of the Ritz values ``(B, r)`` and ``σ̃_1/σ̃_r`` ``(B,)``.
+    extrapolated remaining relative change of the Ritz values ``(B, r)``, ``σ̃_1/σ̃_r`` ``(B,)``
+    and which matrices met the stopping rule ``(B,)`` (the others ran out of iterations).
     """
     Bn = Q.shape[0]
     unit = torch.finfo(Q.dtype).eps / 2
@@ -84,6 +85,7 @@ def _top_iterate(
     est = torch.full((Bn, rank), math.inf, dtype=torch.float64)
     kappa = torch.ones(Bn, dtype=torch.float64)
     stall_prev = torch.zeros(Bn, dtype=torch.bool)
+    met = torch.zeros(Bn, dtype=torch.bool)
     while iters < max_iters:
         iters += 1
         Z = mtv(Q)  # (B, n, l) = Mᵀ Q
@@ -97,9 +99,10 @@ def _top_iterate(
         hist.append(S[..., :rank].cpu())
         Q = _orth(Y)
         est, kappa, stop, stall_prev = _top_stop(rel_res, hist, unit, tol, stall_prev)
-        if bool(stop.all()):
+        met |= stop
+        if bool(met.all()):
             break
-    return Q, iters, est, kappa
+    return Q, iters, est, kappa, met
 
 
 def _top_krylov(
@@ -111,7 +114,7 @@ def _top_krylov(
     tol: float,
     max_steps: int,
     max_basis: int,
-) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, bool]:
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block Krylov iteration in ``K0``'s dtype for the top of ``M``, the same stopping rule as ``_top_iterate``.
 
     ``K0`` ``(B, m, b)`` orthonormal first block. Step ``j`` forms ``Z_j = Mᵀ K_j`` and ``Y_j = M Z_j``
@@ -124,8 +127,8 @@ def _top_krylov(
 
     Returns the top ``ell`` Ritz vectors ``(B, m, ell)`` (orthonormal), the step count, the
     extrapolated remaining relative change of the Ritz values ``(B, r)``, ``σ̃_1/σ̃_r`` ``(B,)`` and
-    whether the stopping rule was met (else the basis reached ``max_basis`` columns or
-    ``max_steps`` steps were taken).
+    which matrices met the stopping rule ``(B,)`` (for the others the basis reached ``max_basis``
+    columns or ``max_steps`` steps were taken).
     """
     Bn = K0.shape[0]
     unit = torch.finfo(K0.dtype).eps / 2
@@ -134,6 +137,7 @@ def _top_krylov(
     G = None  # Zc64ᵀ Zc64
     hist: list[torch.Tensor] = []
     stall_prev = torch.zeros(Bn, dtype=torch.bool)
+    met = torch.zeros(Bn, dtype=torch.bool)
     block = K0
     steps = 0
     while True:
@@ -162,9 +166,9 @@ def _top_krylov(
             rel_res = (res.norm(dim=-2) / Sr).double().cpu()
             hist.append(S[..., :rank].cpu())
             est, kappa, stop, stall_prev = _top_stop(rel_res, hist, unit, tol, stall_prev)
-            done = bool(stop.all())
-            if done or not grows:
-                return _orth(K @ Yt.to(K.dtype)), steps, est, kappa, done
+            met |= stop
+            if bool(met.all()) or not grows:
+                return _orth(K @ Yt.to(K.dtype)), steps, est, kappa, met
         block = _orth_against(Y, K)
         K = torch.cat([K, block], -1)
 
@@ -240,12 +244,14 @@ def top_r(
         omega = torch.randn(Bn, n, b, generator=generator, dtype=torch.float32, device="cpu").to(dev)
         Q = _orth(mv(omega))
     u32 = torch.finfo(torch.float32).eps / 2
-    iters, done = 0, False
+    iters = 0
+    met = torch.zeros(Bn, dtype=torch.bool)
     if max_basis:
-        Q, iters, est, kappa, done = _top_krylov(mv, mtv, Q, rank, ell, tol, max_iters, max_basis)
+        Q, iters, est, kappa, met = _top_krylov(mv, mtv, Q, rank, ell, tol, max_iters, max_basis)
     krylov_steps = iters
-    if not done and iters < max_iters:  # no Krylov basis, or it reached its size limit: subspace iteration
-        Q, more, est, kappa = _top_iterate(mv, mtv, Q, rank, tol, max_iters - iters)
+    if not bool(met.all()) and iters < max_iters:  # no Krylov basis, or it reached its size limit: subspace iteration
+        Q, more, est, kappa, met_more = _top_iterate(mv, mtv, Q, rank, tol, max_iters - iters)
+        met |= met_more
         iters += more
     # float32 cannot resolve the Ritz residuals below ~30·u₃₂·σ_1/σ_i; the final float64
     # Rayleigh–Ritz step makes the values accurate to about that floor squared. On heavy-head
@@ -262,7 +268,7 @@ def top_r(
             matvecs[0] += Y.shape[-1]
             return _mt_rows(W64_, C64_, Y)[0]
 
-        Q64_, more, est_need, _ = _top_iterate(
+        Q64_, more, est_need, _, met_need = _top_iterate(
             mv64,
             mtv64,
             _orth(Q[need].double()),
@@ -273,6 +279,7 @@ def top_r(
         Q = Q.double()
         Q[need] = Q64_
         est[need] = est_need
+        met[need] = met_need
         iters += more
         del W64_, C64_, Q64_
     # final Rayleigh–Ritz in float64 on the converged basis's leading r + 8 columns (its columns
@@ -314,6 +321,7 @@ def top_r(
                 "sv_rel_bound": float(rel_res[b].max()),
                 "sv_change_est": float(est[b].max()),
                 "subspace_sin_est": res_f / gap if gap > 0 else math.inf,
+                "converged": bool(met[b]),
             }
         )
     return U.float(), Sr.float(), V.float(), infos
