@@ -32,8 +32,9 @@ below ``tol/100`` — the values, and with them the captured energy
 ``Σ_{i≤r} σ̃_i² = ‖P_r M‖_F²``, converge with or without any gap, so this criterion stops flat
 spectra (it must hold on two consecutive steps). The tolerances are raised to float32's
 resolution (``30·u₃₂·σ̃_1/σ̃_i`` for residuals, ``u₃₂·σ̃_1/σ̃_i`` for values); capped iterations.
-Where that float32 floor exceeds 1e-2 (heavy-head layers, ``σ_1/σ_r ≳ 5e3``; one down_proj of
-the embedded model has 7.8e4) the iteration continues from its basis in float64.
+Where that float32 floor exceeds 3e-4 (``σ_1/σ_r ≳ 170``: the final step's values would be good
+only to the floor squared, above 1e-7; one down_proj of the embedded model has 7.8e4) the
+iteration continues from its basis in float64.
 A final Rayleigh–Ritz step in float64 on the top ``r + 8`` Ritz vectors gives the triplets and a
 posterior residual bound ``max_i ‖M v_i − σ̃_i u_i‖/σ̃_i`` (some singular value of ``M`` lies
 within it of each ``σ̃_i``), measured with one float32 product (float64 after the float64

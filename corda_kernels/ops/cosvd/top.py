@@ -22,7 +22,7 @@ from .iteration import (
 )
 from .products import _m_rows, _mt_rows
 
-_F64_FLOOR = 1e-2  # float32 residual floor above which the top iteration continues in float64
+_F64_FLOOR = 3e-4  # float32 residual floor above which the top iteration continues in float64
 _FINAL_EXTRA = 8  # Ritz vectors beyond r in the top's final float64 Rayleigh–Ritz step
 _ROWS_MIN_N = 4096  # above this n the top's float32 products take the row-panel form (top_r)
 
@@ -254,8 +254,9 @@ def top_r(
         met |= met_more
         iters += more
     # float32 cannot resolve the Ritz residuals below ~30·u₃₂·σ_1/σ_i; the final float64
-    # Rayleigh–Ritz step makes the values accurate to about that floor squared. On heavy-head
-    # layers (σ_1/σ_r ≳ 5e3: floor > 1e-2) that is not enough: continue in float64 from the basis.
+    # Rayleigh–Ritz step makes the values accurate to about that floor squared. Where that could
+    # exceed ~1e-7 (σ_1/σ_r ≳ 170: floor > 3e-4; a real q_proj at r = 24 left 2e-6 with a floor of
+    # 2e-3) continue in float64 from the basis.
     need = (30 * u32 * kappa > _F64_FLOOR).nonzero().flatten().tolist()
     if need and iters < max_iters:  # only those matrices of the batch
         W64_, C64_ = W[need].double(), C_fix[need].double()
