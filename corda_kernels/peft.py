@@ -197,6 +197,11 @@ def preprocess_corda(
         dev = offload.device(name, targets[name])
         targets[name].eigens = CordaEigens(S_WC=S.to(dev), U_WC=U.to(dev), V_WC=V.to(dev))
 
+    if distributed.active():  # a rank that skips calibration while others run it would wait forever
+        distributed.check_same(
+            {"cache_file": cache.exists(cfg.cache_file), "covariance_file": cache.exists(cfg.covariance_file)},
+            "which of the caches exist (every rank must see the same files)",
+        )
     if cache.exists(cfg.cache_file):
         data = cache.load_checked(cfg.cache_file, "eigens", meta)
         for name in targets:

@@ -165,6 +165,35 @@ def test_non_finite_on_one_rank_stops_every_rank(prune: bool, gen: torch.Generat
     assert all(m.startswith("layer model.layers.") and "not finite" in m for m in messages), messages
 
 
+def _rank_cache(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    try:
+        build, targets = MODELS["llama"]
+        model = build(0)
+        cache_file = os.path.join(out, "eigens.pt" if rank == 0 else f"missing-{rank}.pt")
+        cfg = lora_config(targets, "ipm", cache_file=cache_file)
+        try:
+            preprocess_corda(model, cfg, run_model=lambda: [model(torch.randint(0, 200, (1, 16)))])
+            message = "no error"
+        except ValueError as err:
+            message = str(err)
+        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_see_different_caches_stop(tmp_path: Path) -> None:
+    """A cache on one rank only (no shared file system): every rank stops, naming the difference."""
+    build, targets = MODELS["llama"]
+    model = build(0)
+    cfg = lora_config(targets, "ipm", cache_file=str(tmp_path / "eigens.pt"))
+    preprocess_corda(model, cfg, run_model=lambda: [model(torch.randint(0, 200, (1, 16))) for _ in range(4)])
+    mp.spawn(_rank_cache, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
+    assert all("disagree on which of the caches exist" in m for m in messages), messages
+
+
 def test_a_ranks_layers_plan_into_its_units(gen: torch.Generator) -> None:
     """Every layer in one unit; a rank's layers, planned alone, give exactly the units it owns
     (so it decomposes them as one process does), for widths spanning several units."""

@@ -143,8 +143,10 @@ def load_or_calibrate(model, targets, ids, opts: InitOptions, out: Path, meta: d
         except cache.CacheMismatchError as err:  # other weights, tokens or settings: calibrate anew
             if opts.progress:
                 print(f"corda-kernels init: recalibrating: {err}", file=sys.stderr)
-    if world > 1 and distributed.broadcast_object(stored is not None) and rank != 0:
-        stored = cache.load_checked(path, "covariance", meta)  # what rank 0 found valid
+    if world > 1 and distributed.broadcast_object(stored is not None):  # every rank reads what rank 0 found valid
+        distributed.check_same(cache.exists(path), f"whether {path} exists (resuming needs it on every rank)")
+        if rank != 0:
+            stored = cache.load_checked(path, "covariance", meta)
     if stored is not None:
         return stored["covariances"], stored["candidates"]
     got = stages.collect(
