@@ -137,6 +137,17 @@ def test_two_ranks_match_one_process(arch: str, method: str, prune: bool, gen: t
         assert torch.equal(U, alone[name].U) and torch.equal(S, alone[name].S) and torch.equal(V, alone[name].V), name
 
 
+def _outcome(rank: int, out: str, run, errors: type[Exception]) -> None:  # noqa: ANN001
+    """Run ``run()`` on this rank and write the message of the error it raised ("no error") to ``rank<i>.txt``."""
+    try:
+        run()
+        message = "no error"
+    except errors as err:
+        message = str(err)
+    with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
+
+
 def _rank_nan(rank: int, port: int, prune: bool, seqs: list[torch.Tensor], out: str) -> None:
     _init(rank, port)
     try:
@@ -146,13 +157,8 @@ def _rank_nan(rank: int, port: int, prune: bool, seqs: list[torch.Tensor], out: 
             model.model.embed_tokens.weight.data[seqs[1][0]] = float("nan")
         cfg = lora_config(targets, "ipm", prune_temporary_fields=prune)
         mine = seqs[rank::WORLD]
-        try:
-            preprocess_corda(model, cfg, run_model=lambda: [model(s.unsqueeze(0)) for s in mine])
-            message = "no error"
-        except NonFiniteActivationError as err:
-            message = str(err)
-        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
-            f.write(message)
+        run = lambda: preprocess_corda(model, cfg, run_model=lambda: [model(s.unsqueeze(0)) for s in mine])  # noqa: E731
+        _outcome(rank, out, run, NonFiniteActivationError)
     finally:
         dist.destroy_process_group()
 
@@ -172,13 +178,8 @@ def _rank_cache(rank: int, port: int, out: str) -> None:
         model = build(0)
         cache_file = os.path.join(out, "eigens.pt" if rank == 0 else f"missing-{rank}.pt")
         cfg = lora_config(targets, "ipm", cache_file=cache_file)
-        try:
-            preprocess_corda(model, cfg, run_model=lambda: [model(torch.randint(0, 200, (1, 16)))])
-            message = "no error"
-        except ValueError as err:
-            message = str(err)
-        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
-            f.write(message)
+        run = lambda: preprocess_corda(model, cfg, run_model=lambda: [model(torch.randint(0, 200, (1, 16)))])  # noqa: E731
+        _outcome(rank, out, run, ValueError)
     finally:
         dist.destroy_process_group()
 
