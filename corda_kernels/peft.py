@@ -23,6 +23,7 @@ writes the caches.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -197,6 +198,13 @@ def preprocess_corda(
         dev = offload.device(name, targets[name])
         targets[name].eigens = CordaEigens(S_WC=S.to(dev), U_WC=U.to(dev), V_WC=V.to(dev))
 
+    if distributed.launched_without_group():
+        warnings.warn(
+            f"WORLD_SIZE={distributed.launched_without_group()} but no torch.distributed process group is "
+            "initialized: this process calibrates and decomposes alone, on what its run_model feeds "
+            "(call torch.distributed.init_process_group() first to sum the ranks' shards)",
+            stacklevel=2,
+        )
     if distributed.active():  # a rank that skips calibration while others run it would wait forever
         distributed.check_same(
             {"cache_file": cache.exists(cfg.cache_file), "covariance_file": cache.exists(cfg.covariance_file)},

@@ -286,3 +286,13 @@ def test_torchrun_init_matches_one_process(tiny_dir: Path, tmp_path: Path, mode:
         cfg.pop("base_model_name_or_path")
         cfg["target_modules"] = sorted(cfg["target_modules"])  # PEFT writes a set
     assert cfg_one == cfg_two
+
+
+def test_launched_without_a_group_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's environment but no process group: each process would adapt to its own shard alone."""
+    build, targets = MODELS["llama"]
+    model = build(0)
+    cfg = lora_config(targets, "ipm")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.warns(UserWarning, match="WORLD_SIZE=2 but no torch.distributed process group"):
+        preprocess_corda(model, cfg, run_model=lambda: [model(torch.randint(0, 200, (1, 16))) for _ in range(3)])

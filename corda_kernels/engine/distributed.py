@@ -59,6 +59,12 @@ def group_from_env() -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def launched_without_group() -> int:
+    """The ``WORLD_SIZE`` a launcher set (> 1) where no process group is initialized, else 0."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return world if world > 1 and not (dist.is_available() and dist.is_initialized()) else 0
+
+
 def broadcast_object(value: object, src: int = 0) -> object:
     """``value`` of rank ``src`` on every rank (small picklable objects)."""
     box = [value]
