@@ -151,7 +151,10 @@ def reduce_collector(collector, owners: dict[str, int] | None = None) -> list[in
     """
     accs = collector.accumulators()
     layout = [(tuple(sorted(a.members)), a.n, a.rounds) for a in accs]
-    check_same(sorted(layout), "the calibrated layers and which of them read one input")
+    check_same(
+        sorted(layout),
+        "the calibrated layers and which of them read one input (a rank whose run_model fed no sample has none)",
+    )
     names = sorted(collector.calls)
     calls = torch.tensor([collector.calls[n] for n in names], dtype=torch.float64)
     sum_over_ranks([a.weight for a in accs] + [calls])
