@@ -224,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--method", default="fast", choices=["exact", "fast"], help="CO-SVD of the backbone row")
     p.add_argument(
-        "--dropin-method", default="exact", choices=["exact", "fast"], help="CO-SVD of the drop-in row (its default)"
+        "--dropin-method",
+        default="exact",
+        choices=["exact", "fast"],
+        help="CO-SVD of the drop-in row (exact: the reference the backbone row's adapters are compared with)",
     )
     p.add_argument("--modes", default="ipm,kpm")
     p.add_argument(
