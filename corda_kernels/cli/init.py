@@ -441,15 +441,14 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
             done = cache.load_checked(partial, "partial-adapters", meta)
         except cache.CacheMismatchError:
             done = {}
-    if world > 1:
-        finished = distributed.broadcast_object(sorted(done))
+    finished = set(done) if world == 1 else set(distributed.broadcast_object(sorted(done)))
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, item in done.items():
         W = linear_weight(targets[name])
         stages.set_residual(targets[name], (W.float() - item["scaling"] * (item["B"] @ item["A"])).to(W.dtype))
         adapters[name] = (item["A"], item["B"])
         report.layers[name] = item["info"]
-    todo = {name: m for name, m in targets.items() if name not in (done if world == 1 else finished)}
+    todo = {name: m for name, m in targets.items() if name not in finished}
     mine = todo
     if world > 1:
         owners = layer_owners(todo, covs, world)
@@ -472,7 +471,9 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
     return adapters
 
 
-def _shared_results(own: list[LayerResult], todo: dict, ranks: dict[str, int], owners: dict[str, int]) -> list:  # noqa: ANN001
+def _shared_results(
+    own: list[LayerResult], todo: dict[str, nn.Module], ranks: dict[str, int], owners: dict[str, int]
+) -> list[LayerResult]:
     """Rank 0: every layer's :class:`LayerResult`, each from the rank that decomposed it; others: ``[]``."""
     shapes = {name: (*linear_weight(m).shape, ranks[name]) for name, m in todo.items()}
     triplets = distributed.share_triplets({r.name: (r.U, r.S, r.V) for r in own}, owners, shapes)
