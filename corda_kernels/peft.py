@@ -33,7 +33,7 @@ from .engine import cache, distributed
 from .engine.calibration import CovarianceCollector
 from .engine.layers import in_features, linear_weight, target_modules
 from .engine.offload import Offload
-from .engine.pipeline import check_ranks, decompose_layers, layer_owners
+from .engine.pipeline import check_ranks, decompose_layers, layer_owners, share_results
 
 weights_key = cache.fingerprint_model  # the content key of the weights the drop-in's caches record
 
@@ -198,9 +198,10 @@ def preprocess_corda(
         dev = offload.device(name, targets[name])
         targets[name].eigens = CordaEigens(S_WC=S.to(dev), U_WC=U.to(dev), V_WC=V.to(dev))
 
-    if distributed.launched_without_group():
+    launched = distributed.launched_without_group()
+    if launched:
         warnings.warn(
-            f"WORLD_SIZE={distributed.launched_without_group()} but no torch.distributed process group is "
+            f"WORLD_SIZE={launched} but no torch.distributed process group is "
             "initialized: this process calibrates and decomposes alone, on what its run_model feeds "
             "(call torch.distributed.init_process_group() first to sum the ranks' shards)",
             stacklevel=2,
@@ -235,10 +236,9 @@ def preprocess_corda(
     if world > 1 and not owners:  # every covariance here (from a file, or for PEFT's fields)
         owners = layer_owners(targets, covs, world)
     mine = targets if world == 1 else {name: m for name, m in targets.items() if owners[name] == rank}
-    stored: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     layers = decompose_layers(
         mine,
-        {name: covs[name] for name in mine},
+        covs,
         ranks,
         cfg.corda_method,
         method=method,
@@ -246,16 +246,13 @@ def preprocess_corda(
         screen=damping_screen,
         offload=offload,
     )
-    for res in layers:
-        if world == 1:
-            attach(res.name, res.U, res.S, res.V)
-        if world > 1 or cfg.cache_file is not None:
-            stored[res.name] = (res.U, res.S, res.V)
     if world > 1:  # each rank decomposed its share: every layer's triplets from its owner
-        shapes = {name: (*linear_weight(m).shape, ranks[name]) for name, m in targets.items()}
-        stored = distributed.share_triplets(stored, owners, shapes)
-        for name, (U, S, V) in stored.items():
-            attach(name, U, S, V)
+        layers = share_results(layers, targets, ranks, owners)
+    stored: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for res in layers:
+        attach(res.name, res.U, res.S, res.V)
+        if cfg.cache_file is not None:
+            stored[res.name] = (res.U, res.S, res.V)
     if not cfg.prune_temporary_fields:  # what PEFT leaves behind when asked not to prune
         for name, module in targets.items():
             if name in counts:  # PEFT sets it only when it calibrated (not from a covariance file)

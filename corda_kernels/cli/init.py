@@ -32,7 +32,7 @@ from ..engine import cache, data, distributed, stages
 from ..engine.adapters import lora_scaling
 from ..engine.layers import in_features, is_conv1d, linear_weight, target_modules
 from ..engine.outputs import output_hashes
-from ..engine.pipeline import LayerResult, check_ranks, layer_owners
+from ..engine.pipeline import check_ranks, layer_owners, share_results
 
 # PEFT's own "all-linear": every nn.Linear / Conv1D of the model but its output head (for LLaMA-style
 # models the seven projections, for GPT-2 c_attn / c_proj / c_fc)
@@ -456,8 +456,10 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
     layers = stages.decompose(
         mine, covs, ranks, opts.mode, method=opts.method, screen=opts.damping_screen, progress=opts.progress
     )
-    if world > 1:  # every rank's share to rank 0, which builds the adapters
-        layers = _shared_results(list(layers), todo, ranks, owners)
+    if world > 1:  # every rank's share gathered (a collective); rank 0 alone builds the adapters
+        layers = share_results(layers, todo, ranks, owners)
+        if rank != 0:
+            layers = []
     last_save = time.perf_counter()
     for res in layers:
         s = lora_scaling(alphas[res.name], ranks[res.name], opts.rslora)
@@ -469,19 +471,6 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
             cache.save_atomic(partial, "partial-adapters", meta, done)
             last_save = time.perf_counter()
     return adapters
-
-
-def _shared_results(
-    own: list[LayerResult], todo: dict[str, nn.Module], ranks: dict[str, int], owners: dict[str, int]
-) -> list[LayerResult]:
-    """Rank 0: every layer's :class:`LayerResult`, each from the rank that decomposed it; others: ``[]``."""
-    shapes = {name: (*linear_weight(m).shape, ranks[name]) for name, m in todo.items()}
-    triplets = distributed.share_triplets({r.name: (r.U, r.S, r.V) for r in own}, owners, shapes)
-    infos = distributed.all_gather({r.name: (r.damp, r.info) for r in own})
-    if distributed.rank_and_world()[0] != 0:
-        return []
-    found = {name: item for part in infos for name, item in part.items()}
-    return [LayerResult(name, *triplets[name], *found[name]) for name in todo]
 
 
 def export(

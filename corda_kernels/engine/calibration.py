@@ -379,6 +379,16 @@ class CovarianceCollector:
         reached = {name: self.modules[name] for name in self.modules if name in self.acc_of}
         return layer_owners(reached, {name: self.acc_of[name].C for name in reached}, distributed.rank_and_world()[1])
 
+    def _held(self, name: str) -> Accumulator:
+        """Layer ``name``'s finished accumulator, which must hold its sums on this rank."""
+        self.finalize()
+        if name not in self.acc_of:
+            raise ValueError(f"calibration never reached layer {name}: no covariance for it")
+        acc = self.acc_of[name]
+        if acc.C is None:
+            raise ValueError(f"layer {name}: its covariance is held by rank {self.owners[name]}, not this one")
+        return acc
+
     def accumulators(self) -> list[Accumulator]:
         seen: dict[int, Accumulator] = {}
         for name in self.order:
@@ -387,12 +397,7 @@ class CovarianceCollector:
 
     def candidates(self, name: str) -> torch.Tensor:
         """The K per-round covariances of layer ``name``, ``(K, n, n)``, each normalized by its own count."""
-        self.finalize()
-        if name not in self.acc_of:
-            raise ValueError(f"calibration never reached layer {name}: no covariance for it")
-        acc = self.acc_of[name]
-        if acc.C is None:
-            raise ValueError(f"layer {name}: its covariances are held by rank {self.owners[name]}, not this one")
+        acc = self._held(name)
         if bool((acc.weight == 0).any()):
             raise ValueError(f"layer {name}: a calibration round received no sequence")
         return acc.C / acc.weight.to(acc.C).view(-1, 1, 1)
@@ -411,12 +416,7 @@ class CovarianceCollector:
 
     def covariance(self, name: str) -> torch.Tensor:
         """The covariance of layer ``name`` over all rounds, ``(n, n)`` float32."""
-        self.finalize()
-        if name not in self.acc_of:
-            raise ValueError(f"calibration never reached layer {name}: no covariance for it")
-        acc = self.acc_of[name]
-        if acc.C is None:
-            raise ValueError(f"layer {name}: its covariance is held by rank {self.owners[name]}, not this one")
+        acc = self._held(name)
         total = float(acc.weight.sum())
         if total == 0:
             raise ValueError(f"layer {name}: calibration saw no real token")

@@ -45,7 +45,7 @@ def rank_and_world() -> tuple[int, int]:
 def group_from_env() -> Iterator[None]:
     """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) and no group yet: one for the block,
     ``nccl`` where CUDA is available (each rank on device ``LOCAL_RANK``), else ``gloo``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+    if not launched_without_group():
         yield
         return
     if torch.cuda.is_available():
@@ -98,14 +98,10 @@ def _short(value: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
-def _pieces(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(tensor, flat piece)`` pairs: every tensor's flat view cut into pieces of at most a bucket."""
+def _pieces(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every tensor's flat view cut into pieces of at most a bucket (views: summing them sums the tensor)."""
     step = BUCKET_BYTES // 8
-    out = []
-    for t in tensors:
-        flat = t.detach().reshape(-1)
-        out += [(t, piece) for piece in flat.split(step)]
-    return out
+    return [piece for t in tensors for piece in t.detach().reshape(-1).split(step)]
 
 
 def sum_over_ranks(tensors: list[torch.Tensor], dst: int | None = None) -> None:
@@ -122,7 +118,7 @@ def sum_over_ranks(tensors: list[torch.Tensor], dst: int | None = None) -> None:
     dev = _comm_device()
     bucket: list[torch.Tensor] = []
     size = 0
-    for piece in [p for _, p in _pieces(tensors)] + [None]:
+    for piece in [*_pieces(tensors), None]:
         if piece is not None and size + piece.numel() * 8 <= BUCKET_BYTES:
             bucket.append(piece)
             size += piece.numel() * 8

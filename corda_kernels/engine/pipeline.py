@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..ops.cosvd import cosvd
 from ..ops.damping import DampingError, damp_covariance
 from ..ops.spectra import eig_extremes_fast
-from .distributed import assign_by_cost
+from . import distributed
 from .layers import linear_weight
 from .offload import Offload
 
@@ -109,7 +109,7 @@ def layer_owners(modules: dict[str, nn.Module], covariances: dict[str, torch.Ten
     a width is short), so each is decomposed as one process decomposes it.
     """
     units = plan_units(modules, covariances)
-    owners = assign_by_cost([u.cost(modules) for u in units], world)
+    owners = distributed.assign_by_cost([u.cost(modules) for u in units], world)
     return {name: owner for unit, owner in zip(units, owners) for name in unit.names}
 
 
@@ -194,3 +194,18 @@ def decompose_layers(
             del U, S, V
         del C_fix
     bar.close()
+
+
+def share_results(
+    own: Iterable[LayerResult], modules: dict[str, nn.Module], ranks: dict[str, int], owners: dict[str, int]
+) -> list[LayerResult]:
+    """Every layer of ``modules`` (in its order) on every rank, each from the rank that decomposed it.
+
+    ``own`` is this rank's results, ``owners`` each layer's rank (:func:`layer_owners`); a collective.
+    """
+    own = list(own)
+    shapes = {name: (*linear_weight(m).shape, ranks[name]) for name, m in modules.items()}
+    triplets = distributed.share_triplets({r.name: (r.U, r.S, r.V) for r in own}, owners, shapes)
+    infos = distributed.all_gather({r.name: (r.damp, r.info) for r in own})
+    found = {name: item for part in infos for name, item in part.items()}
+    return [LayerResult(name, *triplets[name], *found[name]) for name in modules]
