@@ -10,13 +10,13 @@ import pytest
 import torch
 from peft import get_peft_model
 from peft.tuners.lora.corda import preprocess_corda as peft_preprocess
-from transformers import AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoModelForCausalLM, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from corda_kernels.engine.offload import Offload
 from corda_kernels.peft import preprocess_corda, target_modules, weights_key
 from tests.conftest import rel_err
 from tests.test_peft_parity import adapter_values, float64_truth, lora_config
-from tests.tiny_models import LLAMA_TARGETS, sequences, tiny_llama
+from tests.tiny_models import LLAMA_TARGETS, llama_config, sequences, tiny_llama
 
 IMAGE_TOKEN = 299
 LANGUAGE_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -28,14 +28,7 @@ def tiny_llava(seed: int) -> LlavaForConditionalGeneration:
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
     )
-    text = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    text = llama_config(vocab=300)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, vision_feature_layer=-1)
     return LlavaForConditionalGeneration(cfg).eval()
 

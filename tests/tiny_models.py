@@ -10,6 +10,27 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
+def llama_config(
+    *,
+    vocab: int = VOCAB,
+    intermediate: int = 96,
+    layers: int = 2,
+    max_positions: int = 128,
+    tie_word_embeddings: bool = False,
+) -> LlamaConfig:
+    """A 64-wide LLaMA config (4 heads, 2 KV heads: GQA)."""
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
 def tiny_llama(
     seed: int = 0,
     *,
@@ -19,16 +40,13 @@ def tiny_llama(
     max_positions: int = 128,
     tie_word_embeddings: bool = False,
 ) -> LlamaForCausalLM:
-    """A 64-wide LLaMA (4 heads, 2 KV heads: GQA) with fresh weights from ``seed``."""
+    """A 64-wide LLaMA (:func:`llama_config`) with fresh weights from ``seed``."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
+    cfg = llama_config(
+        vocab=vocab,
+        intermediate=intermediate,
+        layers=layers,
+        max_positions=max_positions,
         tie_word_embeddings=tie_word_embeddings,
     )
     return LlamaForCausalLM(cfg).eval()
