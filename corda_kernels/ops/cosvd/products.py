@@ -66,12 +66,16 @@ def _gram64(W64: torch.Tensor, C: torch.Tensor, wide: bool) -> torch.Tensor:
     return G.triu() + G.triu(1).transpose(-1, -2)
 
 
-def _mt_rows(W: torch.Tensor, C: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Mᵀ Q, Qᵀ W)`` in ``Q``'s dtype for ``Q`` ``(B, m, l)``: ``(B, n, l)`` (a transposed view), ``(B, l, n)``."""
+def _mt_rows(W: torch.Tensor, C: torch.Tensor | None, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Mᵀ Q, Qᵀ W)`` in ``Q``'s dtype for ``Q`` ``(B, m, l)``: ``(B, n, l)`` (a transposed view), ``(B, l, n)``.
+
+    ``C`` ``None`` stands for the identity (``M = W``: the plain SVD)."""
     QtW = _mm64(Q.transpose(-1, -2), W)
-    return _mm64(QtW, C).transpose(-1, -2), QtW
+    return (QtW if C is None else _mm64(QtW, C)).transpose(-1, -2), QtW
 
 
-def _m_rows(W: torch.Tensor, C: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """``M X = W·C·X`` in ``X``'s dtype for ``X`` ``(B, n, l)`` as ``((Xᵀ C) Wᵀ)ᵀ`` (a transposed view)."""
-    return _mm64(_mm64(X.transpose(-1, -2), C), W.transpose(-1, -2)).transpose(-1, -2)
+def _m_rows(W: torch.Tensor, C: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor:
+    """``M X = W·C·X`` in ``X``'s dtype for ``X`` ``(B, n, l)`` as ``((Xᵀ C) Wᵀ)ᵀ`` (a transposed view);
+    ``C`` ``None`` stands for the identity."""
+    XtC = X.transpose(-1, -2) if C is None else _mm64(X.transpose(-1, -2), C)
+    return _mm64(XtC, W.transpose(-1, -2)).transpose(-1, -2)
