@@ -76,6 +76,7 @@ setup(
         "safetensors",
         "tqdm",
         "matplotlib",
+        "scipy",
     ],
     extras_require={"triton": ["triton"], "gguf": ["gguf"]},
     ext_modules=[CMakeExtension("corda_kernels._C")],

@@ -60,7 +60,7 @@ def _rank_main(rank: int, port: int, arch: str, method: str, prune: bool, seqs: 
             return covs
 
         mine = seqs[rank::WORLD]
-        with mock.patch("corda_kernels.peft.collect_covariances", collect):
+        with mock.patch("corda_kernels.peft.corda.collect_covariances", collect):
             preprocess_corda(model, cfg, run_model=lambda: [model(s.unsqueeze(0)) for s in mine])
         mods = target_modules(model, cfg)
         torch.save(

@@ -29,11 +29,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .engine import cache, distributed
-from .engine.calibration import CovarianceCollector
-from .engine.layers import in_features, linear_weight, target_modules
-from .engine.offload import Offload
-from .engine.pipeline import check_ranks, decompose_layers, layer_owners, share_results
+from ..engine import cache, distributed
+from ..engine.calibration import CovarianceCollector
+from ..engine.layers import in_features, linear_weight, target_modules
+from ..engine.offload import Offload
+from ..engine.pipeline import check_ranks, decompose_layers, layer_owners, share_results
 
 weights_key = cache.fingerprint_model  # the content key of the weights the drop-in's caches record
 
