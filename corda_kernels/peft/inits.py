@@ -70,14 +70,31 @@ def _delegate(key: str, init: str, shape: tuple[int, ...], why: str, *args, **kw
     return out
 
 
+def _unsupported(weight: torch.Tensor, rank: int, fan_in_fan_out: bool = False) -> str:
+    """Why a layer is handed to PEFT's original (``""``: it is not): the first reason that applies."""
+    if type(weight).__module__.startswith("bitsandbytes"):
+        return "quantized"
+    if weight.dtype not in _FLOATS:
+        return "dtype"
+    if weight.dim() != 2:
+        return "not 2-D"
+    if fan_in_fan_out:  # OLoRA only: PEFT's ignores the flag, kept as it is
+        return "fan_in_fan_out"
+    if rank > min(weight.shape):
+        return "rank > min(m, n)"
+    return ""
+
+
 def _peft_transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
-def _top_factors(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    """``(U, S, V, info)`` of the top ``rank`` triplets of float32 ``W`` ``(m, n)`` on its device."""
+def _low_rank(W: torch.Tensor, rank: int, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """PEFT's factors of the top ``rank`` triplets of float32 ``W`` ``(m, n)``: ``B = U_r·√(S_r/s)``
+    ``(m, r)``, ``A = √(S_r/s)·V_rᵀ`` ``(r, n)`` (PiSSA; LoftQ's ``L``, ``R`` with ``s = 1``), and the info."""
     U, S, V, infos = svd_top(W, rank)
-    return U, S, V, infos[0]
+    root = (S / scaling).sqrt()
+    return (U * root).contiguous(), (root.unsqueeze(1) * V.T).contiguous(), infos[0]
 
 
 @torch.no_grad()
@@ -91,17 +108,14 @@ def pissa_init(self, adapter_name: str, init_lora_weights: str) -> None:  # noqa
     ):
         return _delegate("pissa_init", "pissa", shape, "unknown variant", self, adapter_name, init_lora_weights)
     rank = self.r[adapter_name]
-    if weight.dtype not in _FLOATS or weight.dim() != 2 or rank > min(shape):
-        why = "dtype" if weight.dtype not in _FLOATS else "not 2-D" if weight.dim() != 2 else "rank > min(m, n)"
+    why = _unsupported(weight, rank)
+    if why:
         return _delegate("pissa_init", "pissa", shape, why, self, adapter_name, init_lora_weights)
     t0 = time.perf_counter()
     dtype = weight.dtype
     scaling = self.scaling[adapter_name]
     W = _peft_transpose(weight.to(torch.float32), self.fan_in_fan_out)
-    U, S, V, info = _top_factors(W, rank)
-    root = (S / scaling).sqrt()
-    lora_A = (root.unsqueeze(1) * V.T).contiguous()  # (r, in)
-    lora_B = (U * root).contiguous()  # (out, r)
+    lora_B, lora_A, info = _low_rank(W, rank, scaling)
     self.lora_A[adapter_name].weight.data = lora_A
     self.lora_B[adapter_name].weight.data = lora_B
     residual = W - scaling * lora_B @ lora_A
@@ -116,19 +130,8 @@ def olora_init(self, adapter_name: str) -> None:  # noqa: ANN001
     weight = base.weight
     shape = tuple(weight.shape)
     rank = self.r[adapter_name]
-    quantized = type(weight).__module__.startswith("bitsandbytes")
-    if quantized or weight.dtype not in _FLOATS or weight.dim() != 2 or self.fan_in_fan_out or rank > min(shape):
-        why = (
-            "quantized"
-            if quantized
-            else "dtype"
-            if weight.dtype not in _FLOATS
-            else "not 2-D"
-            if weight.dim() != 2
-            else "fan_in_fan_out"
-            if self.fan_in_fan_out
-            else "rank > min(m, n)"
-        )
+    why = _unsupported(weight, rank, self.fan_in_fan_out)
+    if why:
         return _delegate("olora_init", "olora", shape, why, self, adapter_name)
     t0 = time.perf_counter()
     dtype = weight.dtype
@@ -146,13 +149,6 @@ def _loftq_nf4(res: torch.Tensor) -> torch.Tensor:
     """Dequantized NF4 of float32 ``res``: bitsandbytes' ``Params4bit(compress_statistics=False)`` bytes."""
     packed, state = nf4_quantize(res, blocksize=LOFTQ_BLOCKSIZE, compress_statistics=False)
     return nf4_dequantize(packed, state)
-
-
-def _low_rank(res: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """PEFT's ``_low_rank_decomposition`` factors ``L = U_r·√S_r`` ``(m, r)``, ``R = √S_r·V_rᵀ`` ``(r, n)``."""
-    U, S, V, info = _top_factors(res, rank)
-    root = S.sqrt()
-    return U * root, root.unsqueeze(1) * V.T, info
 
 
 def _check_loftq(weight: torch.Tensor, rank: int, where: str) -> None:
