@@ -77,6 +77,7 @@ setup(
         "tqdm",
         "matplotlib",
         "scipy",
+        "threadpoolctl",
     ],
     extras_require={"triton": ["triton"], "gguf": ["gguf"]},
     ext_modules=[CMakeExtension("corda_kernels._C")],

@@ -124,3 +124,30 @@ def test_qr_leading_is_the_full_qr_sliced(gen: torch.Generator, m: int, n: int, 
     W64 = W.double()
     assert rel_err(Q.double() @ R.double(), Q.double() @ (Q.double().T @ W64)) <= tol
     assert float(torch.triu(R[:, :k]).sub(R[:, :k]).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize(
+    "m, n, ell, batch",
+    [
+        (90, 300, 6, 1),  # short side < 384: the full Gram, torch's eigh
+        (430, 900, 12, 2),  # 384 ≤ k < 512: the upper triangle, torch's eigh
+        (1300, 600, 20, 1),  # k ≥ 512, ell ≤ k/8: the upper triangle, LAPACK's subset solver
+        (600, 610, 100, 1),  # ell > k/8: torch's eigh on the triangle
+    ],
+)
+def test_dense_start_is_the_top_subspace(gen: torch.Generator, m: int, n: int, ell: int, batch: int) -> None:
+    """The start alone (no iteration) spans the top-ell left singular subspace on a gapped
+    spectrum, within the Gram route's ``~u₃₂·σ_1²/(σ_ell² − σ_{ell+1}²)``."""
+    from corda_kernels.ops.cosvd.top import dense_start
+
+    k = min(m, n)
+    i = torch.arange(k, dtype=torch.float64)
+    spectrum = torch.where(i < ell, 2.0 - i / k, 1.0 - i / (2 * k))
+    Ws = torch.stack([planted(gen, m, n, spectrum) for _ in range(batch)])
+    Q = dense_start(Ws.float(), ell)
+    assert Q.shape == (batch, m, ell)
+    bound = 50 * U32 * math.sqrt(k) * float(spectrum[0] ** 2 / (spectrum[ell - 1] ** 2 - spectrum[ell] ** 2))
+    for b in range(batch):
+        ref = torch.linalg.svd(Ws[b], full_matrices=False)[0][:, :ell]
+        cos_min = float(principal_cosines(Q[b].double(), ref).min())
+        assert math.sqrt(max(0.0, 1 - cos_min**2)) <= bound, (m, n, ell, b)
