@@ -51,7 +51,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_dropin import _cpu_model, worst_sv_error  # noqa: E402
+from bench.bench_dropin import _cpu_model, corda_lora_config, worst_sv_error  # noqa: E402
 from corda_kernels.peft import accelerate  # noqa: E402
 from tests.peft_reference import peft_loftq_init_cpu  # noqa: E402
 
@@ -200,17 +200,10 @@ def run_row(
 
 
 def run_corda(model: nn.Module, ids: torch.Tensor, rank: int, reps: int) -> dict:
-    from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
 
     def config() -> LoraConfig:
-        return LoraConfig(
-            r=rank,
-            lora_alpha=rank,
-            target_modules=LLAMA_TARGETS,
-            init_lora_weights="corda",
-            corda_config=CordaConfig(corda_method="ipm", prune_temporary_fields=False),
-        )
+        return corda_lora_config(LLAMA_TARGETS, "ipm", rank)
 
     def run_model(m: nn.Module) -> None:
         with torch.no_grad():

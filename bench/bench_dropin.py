@@ -78,19 +78,24 @@ def worst_sv_error(model, cfg: LoraConfig) -> float:  # noqa: ANN001
     return worst
 
 
+def corda_lora_config(targets: list[str], mode: str, rank: int) -> LoraConfig:
+    """CorDA with ``lora_alpha = r``; the covariances kept (``prune_temporary_fields=False``) for the σ check."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=targets,
+        init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method=mode, prune_temporary_fields=False),
+    )
+
+
 def run_case(name: str, model, targets: list[str], ids: torch.Tensor, mode: str, reps: int, rank: int) -> dict:  # noqa: ANN001
     from peft.tuners.lora.corda import preprocess_corda as peft_preprocess
 
     from corda_kernels.peft import preprocess_corda as ours_preprocess
 
     def config() -> LoraConfig:
-        return LoraConfig(
-            r=rank,
-            lora_alpha=rank,
-            target_modules=targets,
-            init_lora_weights="corda",
-            corda_config=CordaConfig(corda_method=mode, prune_temporary_fields=False),
-        )
+        return corda_lora_config(targets, mode, rank)
 
     def forward(m) -> None:  # noqa: ANN001
         with torch.no_grad():
