@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from ..linalg import lu_factor_ex
+from .eigen import eigh_range
 from .exact import select
 from .iteration import (
     _BOTTOM_MAX_BLOCKS,
@@ -198,17 +199,15 @@ def _bottom_from_eigh(
     apply_A: Callable[[torch.Tensor], torch.Tensor],
     G: torch.Tensor,
     mu: torch.Tensor,
-    vecs: torch.Tensor,
-    rank: int,
+    X: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bottom ``rank`` right vectors of the tall ``A`` ``(B, R, k)`` (``apply_A(X) = A X`` in float64)
-    from ``eigh(G = AᵀA) = (mu, vecs)``.
+    """Bottom ``r`` right vectors of the tall ``A`` ``(B, R, k)`` (``apply_A(X) = A X`` in float64)
+    from the bottom ``r`` eigenpairs ``(mu (B, r), X (B, k, r))`` of ``G = AᵀA``, ascending.
 
     Returns ``X`` ``(B, k, r)``, ``Pv = A X / S``, ``S`` ``(B, r)`` (ascending, re-measured with
     ``A`` by a Rayleigh–Ritz step on the r columns) and the eigen-residuals ``‖G x − μ x‖/μ`` ``(B, r)``.
     """
-    X = vecs[..., :rank]
-    rel = ((G @ X - X * mu[..., :rank].unsqueeze(-2)).norm(dim=-2) / mu[..., :rank].abs()).cpu()
+    rel = ((G @ X - X * mu.unsqueeze(-2)).norm(dim=-2) / mu.abs()).cpu()
     Z = apply_A(X)
     S, Yt = _ritz(Z)  # descending
     return (X @ Yt).flip(-1), (Z @ Yt / S.unsqueeze(-2)).flip(-1), S.flip(-1), rel
@@ -280,9 +279,10 @@ def bottom_r(
     * ``"lu"`` (square ``W`` and ``r + p ≤ n/10`` only, ``n/30`` below ``n = 1024``): ``M⁻¹ = C⁻¹W⁻¹``
       from an LU of ``W`` and a Cholesky of ``C`` (``n³`` flops, ``M`` never formed), error
       ``≈ c·ε·(g·κ(W)·κ(C) + κ(C))``;
-    * ``"eigh"`` (``k ≤ 1024`` only): the bottom eigenvectors of the float64 Gram matrix of
-      ``M`` from one dense ``eigh``, no iterations, error ``≈ c·ε·κ(M)²`` with ``κ`` read off its
-      eigenvalues (cheaper than the iterations below for small ``k``);
+    * ``"eigh"`` (``k ≤ 1024`` only): the bottom ``r`` eigenpairs of the float64 Gram matrix of
+      ``M`` from one dense eigensolve (:func:`~.eigen.eigh_range`), no iterations, error
+      ``≈ c·ε·κ(M)²`` with ``σ_min`` read off the eigenvalues and ``‖M‖₂`` from a power estimate
+      (cheaper than the iterations below for small ``k``);
     * ``"gram"``: Cholesky of the float64 Gram matrix of ``M``, error ``≈ c·ε·κ(M)²``;
     * ``"qr"``: R of a float64 Householder QR of ``M``, error ``≈ c·ε·κ(M)``;
 
@@ -376,9 +376,11 @@ def bottom_r(
                 continue
             if G is None:
                 G = _gram64(W64, C64, wide)
-            mu, Xall = torch.linalg.eigh(G)  # ascending
-            norm2 = mu[..., -1].clamp_min(0).sqrt().cpu() * 1.01
-            factor_err = (c * eps * mu[..., -1] / mu[..., 0].clamp_min(1e-300)).cpu()
+            mu, Xr = eigh_range(G, 0, rank)  # the bottom r pairs, ascending
+            # ‖G‖₂ from the power estimate (the pairs above the r-th are not computed)
+            lam_max = _power_norm(lambda X, G=G: G @ X, (Bn, k), device=W.device) * 1.01
+            norm2 = lam_max.sqrt()
+            factor_err = c * eps * lam_max / mu[..., 0].cpu().clamp_min(1e-300)
             factor_err = torch.where(mu[..., 0].cpu() > 0, factor_err, torch.full_like(factor_err, math.inf))
         elif factor in ("gram", "qr"):
             if factor == "gram":
@@ -415,10 +417,10 @@ def bottom_r(
             raise ValueError(f"bottom_r: unknown factor {factor!r}")
         if bool((factor_err > certify).any()):
             tried.append(f"{factor}: a-priori factor error {float(factor_err.max()):.2g} > {certify:g}")
-            skip_gram |= factor == "eigh"  # the same κ² criterion, here from the exact eigenvalues
+            skip_gram |= factor == "eigh"  # the same κ² criterion, from the same Gram matrix
             continue
         if factor == "eigh":
-            X, Pv, S, rel = _bottom_from_eigh(apply_A, G, mu, Xall, rank)
+            X, Pv, S, rel = _bottom_from_eigh(apply_A, G, mu, Xr)
             it, est, krylov_steps = 0, torch.zeros_like(rel), 0
         else:
             start, it, krylov_steps, k_est = None, 0, 0, None

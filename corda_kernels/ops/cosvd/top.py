@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..blas_threads import blas_threads
 from ..covariance import _accumulate
+from .eigen import eigh_range
 from .iteration import (
     TOP_TOL,
     _bordered,
@@ -47,34 +47,10 @@ def dense_start(M: torch.Tensor, ell: int) -> torch.Tensor:
     return top if m <= n else _orth(M @ top)
 
 
-# LAPACK's subset eigensolver (syevr) skips the full back-transformation: on the CPU it beats
-# the full eigh from k = 512 while ell ≤ k/8 (2 cores, float32: k = 1024, ell = 48 39 against
-# 57 ms; k = 2048, ell = 32 0.22 against 0.37 s; k = 768, ell = 104 even).
-_SUBSET_MIN_K = 512
-# SciPy's OpenBLAS keeps its own threads, which spin after a call while torch's take the cores:
-# below this k one thread is as fast (k = 512 9.9 against 9.1 ms, 768 22 against 18 ms) and
-# leaves nothing spinning (svd_top at 512²: 12.8 ms median, 19 ms worst, against 18 and 120 ms).
-_BLAS_THREADS_MIN_K = 1024
-
-
 def _top_eigenvectors(G: torch.Tensor, ell: int) -> torch.Tensor:
     """Eigenvectors ``(B, k, ell)`` of the ``ell`` largest eigenvalues of symmetric ``G`` ``(B, k, k)``,
     descending. Reads the upper triangle of ``G`` only."""
-    k = G.shape[-1]
-    if G.device.type != "cpu" or k < _SUBSET_MIN_K or 8 * ell > k:
-        return torch.linalg.eigh(G, UPLO="U")[1][..., -ell:].flip(-1)
-    import scipy.linalg
-
-    out = torch.empty(*G.shape[:-1], ell, dtype=G.dtype)
-    threads = torch.get_num_threads() if k >= _BLAS_THREADS_MIN_K else 1
-    with blas_threads(threads):
-        for b in range(G.shape[0]):
-            # Gᵀ is G's upper triangle as a Fortran-ordered lower triangle: no copy on the way in
-            _, vec = scipy.linalg.eigh(
-                G[b].numpy().T, lower=True, subset_by_index=(k - ell, k - 1), driver="evr", check_finite=False
-            )
-            out[b] = torch.from_numpy(vec).flip(-1)
-    return out
+    return eigh_range(G, G.shape[-1] - ell, ell)[1].flip(-1)
 
 
 def _top_stop(
