@@ -1,6 +1,7 @@
-"""The drop-in on models beyond a plain causal LM in memory: a LLaVA-style vision-language model
-(targets in its language model, ``run_model`` feeding images and text) and a model whose layers
-accelerate keeps offloaded to disk (``device_map``)."""
+"""The drop-in and ``corda-kernels init`` on models beyond a plain causal LM in memory: a LLaVA-style
+vision-language model (targets in its language model; the drop-in's ``run_model`` feeding images and
+text, init calibrating on text) and a model whose layers accelerate keeps offloaded to disk
+(``device_map``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import pytest
 import torch
 from peft import get_peft_model
 from peft.tuners.lora.corda import preprocess_corda as peft_preprocess
-from transformers import AutoModelForCausalLM, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
 from corda_kernels.engine.offload import Offload
 from corda_kernels.peft import preprocess_corda, target_modules, weights_key
@@ -71,6 +78,57 @@ def test_llava_language_model_matches_peft(method: str, gen: torch.Generator) ->
     adapted = get_peft_model(ours, cfg)
     with torch.no_grad():
         assert rel_err(adapted(**probe).logits, before) < 1e-5
+
+
+@pytest.mark.parametrize(("method", "targets"), [("ipm", "all-linear"), ("kpm", "q_proj,v_proj")])
+def test_init_adapts_the_language_model_of_llava(method: str, targets: str, tmp_path, gen: torch.Generator) -> None:  # noqa: ANN001
+    """``corda-kernels init`` on a LLaVA directory: only the language model's layers are targets (also
+    when a suffix names layers of the vision tower too), its covariances are PEFT's on the same token
+    blocks, the adapters are the float64 CO-SVD of them, and the vision tower and projector stay as
+    they were."""
+    from safetensors.torch import load_file
+
+    from corda_kernels.cli.init import InitOptions, run_init
+    from corda_kernels.engine import data
+    from corda_kernels.engine.outputs import load_output
+    from tests.conftest import save_word_tokenizer
+
+    base = tiny_llava(int(torch.randint(0, 1000, (1,), generator=gen)))
+    model_dir = tmp_path / "llava"
+    base.save_pretrained(model_dir)
+    save_word_tokenizer(model_dir, IMAGE_TOKEN)  # ids below the image token
+    opts = InitOptions(
+        model=str(model_dir), data="pydoc", mode=method, rank=4, samples=6, seq_len=24, batch_size=4,
+        targets=tuple(targets.split(",")), out=str(tmp_path / "out"), progress=False,
+    )  # fmt: skip
+    report = run_init(opts)
+
+    suffixes = LLAMA_TARGETS if targets == "all-linear" else targets.split(",")
+    expected = {n for n, _ in base.named_modules() if ".language_model." in n and n.rsplit(".", 1)[-1] in suffixes}
+    assert set(report.layers) == expected and len(expected) == 2 * len(suffixes)
+    assert any(n.rsplit(".", 1)[-1] in suffixes for n, _ in base.model.vision_tower.named_modules())
+
+    ids = data.token_blocks(AutoTokenizer.from_pretrained(model_dir), data.load_text("pydoc"), 6, 24)
+    theirs = copy.deepcopy(base)
+    regex = r".*language_model.*\.(" + "|".join(suffixes) + ")"
+    cfg_peft = lora_config(regex, method, prune_temporary_fields=False)
+    peft_preprocess(theirs, cfg_peft, run_model=lambda: [theirs(ids[i : i + 1]) for i in range(ids.shape[0])])
+    cached = torch.load(tmp_path / "out" / "covariance.pt", weights_only=False)["data"]["covariances"]
+    adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    originals = dict(base.named_modules())
+    for name, module in target_modules(theirs, cfg_peft).items():
+        assert rel_err(cached[name], module.covariance_matrix) < 1e-6, name
+        B = adapter[f"base_model.model.{name}.lora_B.weight"]
+        _, B_t, _ = float64_truth(originals[name], cached[name], method, 4, 1.0)
+        err = (adapter_values(B) - adapter_values(B_t)).abs() / adapter_values(B_t)
+        assert float(err.max()) < 1e-6, name
+    adapted = load_output(tmp_path / "out")
+    residual = adapted.get_base_model().state_dict()
+    kept = [key for key in base.state_dict() if "vision_tower" in key or "multi_modal_projector" in key]
+    assert kept and all(torch.equal(residual[key], base.state_dict()[key]) for key in kept)
+    probe = ids[:1]
+    with torch.no_grad():
+        assert rel_err(adapted(probe).logits, base(probe).logits) < 1e-5
 
 
 def test_disk_offloaded_model(gen: torch.Generator, tmp_path) -> None:  # noqa: ANN001

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -98,7 +99,11 @@ def lora_config(
     rank_pattern: dict | None = None,
     alpha_pattern: dict | None = None,
     targets: list[str] | None = None,
+    scope: str | None = None,
 ):  # noqa: ANN201
+    """PEFT's ``LoraConfig`` for the run: ``targets`` (exact module names) or ``opts.targets`` (name
+    suffixes), the latter only inside the module ``scope`` (a vision-language model's language model)
+    when given."""
     from peft import LoraConfig
     from peft.tuners.lora.config import CordaConfig
 
@@ -108,12 +113,21 @@ def lora_config(
     return LoraConfig(
         r=opts.rank,
         lora_alpha=opts.lora_alpha(),
-        target_modules=list(targets or opts.targets),
+        target_modules=list(targets) if targets else scoped_targets(opts.targets, scope),
         use_rslora=opts.rslora,
         rank_pattern=dict(rank_pattern or {}),
         alpha_pattern=dict(alpha_pattern or {}),
         **kw,
     )
+
+
+def scoped_targets(suffixes: tuple[str, ...], scope: str | None) -> list[str] | str:
+    """PEFT's ``target_modules`` for module-name ``suffixes``: the list itself, or inside ``scope``
+    a regular expression (PEFT matches a string in full) over the modules below it."""
+    if scope is None:
+        return list(suffixes)
+    names = "|".join(re.escape(t) for t in suffixes)
+    return rf"{re.escape(scope)}\.(?:.*\.)?(?:{names})"
 
 
 def covariance_meta(
@@ -172,6 +186,7 @@ class Inputs:
     targets: tuple[str, ...]  # module-name suffixes, PEFT's matching ("all-linear" resolved)
     ids: torch.Tensor  # (samples, seq_len) calibration token ids
     tokenizer: Any
+    scope: str | None = None  # a vision-language model's language model: the targets lie below it
 
 
 def check_inputs(opts: InitOptions) -> Inputs:
@@ -200,7 +215,7 @@ def check_inputs(opts: InitOptions) -> Inputs:
         raise ValueError(f"--out {out} exists and is not a directory")
     text = data.load_text(opts.data)  # a file: strict UTF-8 (data.load_text names the byte that is not)
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     model_dir = data.model_dir(opts.model)
     try:
@@ -212,20 +227,23 @@ def check_inputs(opts: InitOptions) -> Inputs:
         ) from err
     try:
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+            skeleton = data.model_class(config).from_config(config)
+        scope = data.language_scope(skeleton)
     except Exception as err:  # noqa: BLE001
         raise ValueError(
-            f"--model {model_dir}: transformers cannot build a causal LM from its config ({first_line(err)})"
+            f"--model {model_dir}: transformers cannot build a causal LM or a vision-language model from its "
+            f"config ({first_line(err)})"
         ) from err
-    layers = linear_layers(skeleton)
+    layers = linear_layers(skeleton, scope)
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in layers})
     targets = tuple(suffixes) if tuple(opts.targets) == (ALL_LINEAR,) else tuple(opts.targets)
     # the very layers the run will adapt, by PEFT's own matching (engine.layers.target_modules)
-    chosen = target_modules(skeleton, lora_config(replace(opts, targets=targets))) if targets else {}
+    chosen = target_modules(skeleton, lora_config(replace(opts, targets=targets), scope=scope)) if targets else {}
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in chosen)]
     if unmatched or not chosen:
         raise ValueError(
-            f"--targets {','.join(unmatched) or '(empty)'} matched no nn.Linear / Conv1D of the model; "
+            f"--targets {','.join(unmatched) or '(empty)'} matched no nn.Linear / Conv1D of the "
+            f"{'model' if scope is None else f'language model ({scope}) of this vision-language model'}; "
             f"its layers are named {', '.join(suffixes)} (or use {ALL_LINEAR})"
         )
     smallest = min(chosen.items(), key=lambda kv: min(linear_weight(kv[1]).shape))
@@ -236,14 +254,19 @@ def check_inputs(opts: InitOptions) -> Inputs:
         ids = data.token_blocks(tokenizer, text, opts.samples, opts.seq_len)
     except ValueError as err:
         raise ValueError(f"--data {opts.data}: {err}") from err
-    return Inputs(model_dir, targets, ids, tokenizer)
+    return Inputs(model_dir, targets, ids, tokenizer, scope)
 
 
-def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ``nn.Linear`` / ``Conv1D`` of ``model`` but its output head (PEFT's "all-linear" set)."""
+def linear_layers(model: nn.Module, scope: str | None = None) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` / ``Conv1D`` of ``model`` but its output head (PEFT's "all-linear" set),
+    only those below the module ``scope`` when given."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {
-        name: m for name, m in model.named_modules() if (isinstance(m, nn.Linear) or is_conv1d(m)) and m is not head
+        name: m
+        for name, m in model.named_modules()
+        if (isinstance(m, nn.Linear) or is_conv1d(m))
+        and m is not head
+        and (scope is None or name.startswith(scope + "."))
     }
 
 
@@ -306,7 +329,7 @@ def _run_locked(opts: InitOptions, inputs: Inputs, out: Path) -> Report:
     with stage(report, "load"):
         model, tokenizer = data.load_model(str(inputs.model_dir))
         ids = inputs.ids
-        targets = target_modules(model, lora_config(opts))
+        targets = target_modules(model, lora_config(opts, scope=inputs.scope))
         probe = ids[:1, : opts.verify_tokens]
         if lead:
             with torch.inference_mode():

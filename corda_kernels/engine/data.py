@@ -75,12 +75,39 @@ def model_dir(name_or_path: str = DEFAULT_MODEL) -> Path:
     return path
 
 
+def model_class(config):  # noqa: ANN001, ANN201
+    """The transformers auto class that builds ``config``'s model: ``AutoModelForCausalLM``, or for a
+    vision-language model (LLaVA and the other image-text-to-text models) ``AutoModelForImageTextToText``.
+    Raises ``ValueError`` naming the config class otherwise."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    raise ValueError(f"{type(config).__name__} is neither a causal LM nor an image-text-to-text model")
+
+
+def language_scope(model: torch.nn.Module) -> str | None:
+    """The module name of a vision-language model's language model (``model.language_model`` in LLaVA),
+    the part CorDA adapts; ``None`` for a causal LM (every layer but the output head is in scope)."""
+    from transformers import AutoModelForImageTextToText
+
+    if type(model.config) not in AutoModelForImageTextToText._model_mapping:
+        return None
+    decoder = model.get_decoder()
+    for name, module in model.named_modules():
+        if module is decoder:
+            return name
+    raise ValueError(f"{type(model).__name__}: its language model (get_decoder()) is not one of its modules")
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):  # noqa: ANN201
-    """``(model, tokenizer)`` for the embedded model (``smollm2``) or a local transformers directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` for the embedded model (``smollm2``) or a local transformers directory
+    (a causal LM or a vision-language model, :func:`model_class`)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     path = model_dir(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = model_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()
     return model, tokenizer

@@ -36,7 +36,9 @@ def load_output(out: str | os.PathLike, *, verify: bool = True):  # noqa: ANN201
     ``ValueError`` naming it.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .data import model_class
 
     out = Path(out)
     report_path = out / "report.json"
@@ -50,5 +52,5 @@ def load_output(out: str | os.PathLike, *, verify: bool = True):  # noqa: ANN201
         bad = sorted(k for k in set(recorded) | set(found) if recorded.get(k) != found.get(k))
         if bad:
             raise ValueError(f"{out}: {', '.join(bad)} differ from what report.json describes")
-    residual = AutoModelForCausalLM.from_pretrained(out / "residual")
+    residual = model_class(AutoConfig.from_pretrained(out / "residual")).from_pretrained(out / "residual")
     return PeftModel.from_pretrained(residual, out / "adapter")
