@@ -251,18 +251,40 @@ def _init_cli(tiny_dir: Path, out: Path, *extra: str, ranks: int = 1) -> None:
 @pytest.mark.parametrize(("mode", "extra"), [("ipm", ()), ("kpm", ("--dynamic", "--rounds", "2"))])
 def test_torchrun_init_matches_one_process(tiny_dir: Path, tmp_path: Path, mode: str, extra: tuple) -> None:
     """``torchrun --nproc-per-node 2 -m corda_kernels init``: the covariances of all samples (within
-    10·√T·u₃₂ of one process's calibration, CorDA++'s rounds kept), and from them the very output one
-    process writes from the same covariances: adapters and residual bit for bit, the same files."""
+    10·√T·u₃₂ of one process's calibration, CorDA++'s rounds kept), each held by one rank only
+    (CorDA, whose layers are shared out; CorDA++ plans with all of them on every rank), and from
+    them the very output one process writes from the same covariances: adapters and residual bit
+    for bit, the same files."""
     from safetensors.torch import load_file
 
     two, one, alone = tmp_path / "two", tmp_path / "one", tmp_path / "alone"
     _init_cli(tiny_dir, two, "--mode", mode, *extra, ranks=2)
     _init_cli(tiny_dir, alone, "--mode", mode, *extra)
     one.mkdir()
-    shutil.copy2(two / "covariance.pt", one / "covariance.pt")  # a run resumes from the cached covariances
+    for cached in two.glob("covariance*.pt"):  # a run resumes from the cached covariances
+        shutil.copy2(cached, one / cached.name)
     _init_cli(tiny_dir, one, "--mode", mode, *extra)
 
-    summed, single = (torch.load(d / "covariance.pt", weights_only=False)["data"] for d in (two, alone))
+    dynamic = "--dynamic" in extra
+    files = sorted(p.name for p in two.glob("covariance*.pt"))
+    parts = [torch.load(two / f, weights_only=False)["data"] for f in files]
+    report = json.loads((two / "report.json").read_text())
+    held = [r["covariances_held_mib"] for r in report["extra"]["ranks"]]
+    total = json.loads((alone / "report.json").read_text())["extra"]["covariances_held_mib"]
+    if dynamic:
+        assert files == ["covariance.pt"] and held == [total, total]
+    else:
+        assert files == ["covariance.rank0-of-2.pt", "covariance.rank1-of-2.pt"]
+        shares = [set(part["covariances"]) for part in parts]
+        assert shares[0] and shares[1] and not shares[0] & shares[1]
+        owners = parts[0]["owners"]
+        assert owners == parts[1]["owners"] and all(owners[n] == r for r in (0, 1) for n in shares[r])
+        assert 0 < min(held) and max(held) < total and abs(sum(held) - total) < 1e-3 * total, (held, total)
+    summed = {
+        "covariances": {n: C for part in parts for n, C in part["covariances"].items()},
+        "candidates": {n: K for part in parts for n, K in part["candidates"].items()},
+    }
+    single = torch.load(alone / "covariance.pt", weights_only=False)["data"]
     tokens = 7 * 40
     tol = 10 * tokens**0.5 * torch.finfo(torch.float32).eps
     for kind in ("covariances", "candidates"):
@@ -270,9 +292,8 @@ def test_torchrun_init_matches_one_process(tiny_dir: Path, tmp_path: Path, mode:
         for name, C in summed[kind].items():
             err = float((C.double() - single[kind][name].double()).norm() / single[kind][name].double().norm())
             assert err < tol, (kind, name, err, tol)
-    assert bool(summed["candidates"]) == ("--dynamic" in extra)
+    assert bool(summed["candidates"]) == dynamic
 
-    report = json.loads((two / "report.json").read_text())
     assert [r["rank"] for r in report["extra"]["ranks"]] == [0, 1]
     assert all("decompose" in r["stages"] for r in report["extra"]["ranks"])
     assert report["verify"]["logits_rel_err"] < 1e-5
@@ -286,6 +307,13 @@ def test_torchrun_init_matches_one_process(tiny_dir: Path, tmp_path: Path, mode:
         cfg.pop("base_model_name_or_path")
         cfg["target_modules"] = sorted(cfg["target_modules"])  # PEFT writes a set
     assert cfg_one == cfg_two
+
+    if not dynamic:  # a rerun on two ranks reads each rank's own share, not the whole set
+        stamps = {f: (two / f).stat().st_mtime_ns for f in files}
+        _init_cli(tiny_dir, two, "--mode", "kpm", ranks=2)
+        assert {f: (two / f).stat().st_mtime_ns for f in files} == stamps
+        again = json.loads((two / "report.json").read_text())
+        assert [r["covariances_held_mib"] for r in again["extra"]["ranks"]] == held
 
 
 def test_launched_without_a_group_warns(monkeypatch: pytest.MonkeyPatch) -> None:

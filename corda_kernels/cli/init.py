@@ -2,11 +2,12 @@
 
 Stages (each timed in ``report.json``; the stage functions are in :mod:`corda_kernels.engine.stages`):
 load the model and text, calibrate (covariances of every target layer, cached in
-``covariance.pt`` under a content key so a rerun resumes), decompose (damped inverse + CO-SVD +
-adapters, one layer at a time, progress saved in ``.partial.pt``), export (the residual model
-with ``save_pretrained`` and a PEFT adapter directory that ``PeftModel.from_pretrained`` loads
-onto it), verify (logits after init equal the original's). Everything is written into
-``.<out>.partial/`` beside ``--out`` and moved into place only when complete and verified.
+``covariance.pt`` — or one share per rank under ``torchrun`` — under a content key so a rerun
+resumes), decompose (damped inverse + CO-SVD + adapters, one layer at a time, progress saved in
+``.partial.pt``), export (the residual model with ``save_pretrained`` and a PEFT adapter directory
+that ``PeftModel.from_pretrained`` loads onto it), verify (logits after init equal the
+original's). Everything is written into ``.<out>.partial/`` beside ``--out`` and moved into place
+only when complete and verified.
 """
 
 from __future__ import annotations
@@ -146,23 +147,48 @@ def covariance_meta(
     }
 
 
-def load_or_calibrate(model, targets, ids, opts: InitOptions, out: Path, meta: dict, rounds: int = 1):  # noqa: ANN001, ANN201
-    """``{name: C}`` (shared tensors for shared inputs) and, with rounds > 1, ``{name: (K, n, n)}``."""
-    path = out / "covariance.pt"
+COVARIANCE_FILE = "covariance.pt"
+
+
+def shard_name(rank: int, world: int) -> str:
+    """The covariance cache file of rank ``rank`` of ``world`` (its share of the covariances)."""
+    return f"covariance.rank{rank}-of-{world}.pt"
+
+
+def shard_sets(out: Path) -> dict[int, list[Path]]:
+    """The complete sets of covariance shards in ``out``, by their number of ranks."""
+    found: dict[int, set[int]] = {}
+    for path in out.glob("covariance.rank*-of-*.pt"):
+        match = re.fullmatch(r"covariance\.rank(\d+)-of-(\d+)\.pt", path.name)
+        if match:
+            found.setdefault(int(match[2]), set()).add(int(match[1]))
+    return {w: [out / shard_name(r, w) for r in range(w)] for w, got in found.items() if got == set(range(w))}
+
+
+def load_or_calibrate(  # noqa: ANN201
+    model,
+    targets,
+    ids,
+    opts: InitOptions,
+    out: Path,
+    meta: dict,
+    rounds: int = 1,  # noqa: ANN001
+) -> stages.Covariances:
+    """The covariances of the targets (``{name: C}``, shared tensors for shared inputs; with rounds > 1
+    the candidates ``{name: (K, n, n)}``): read from the cache in ``out`` when it matches ``meta``,
+    else calibrated and cached.
+
+    One process, or CorDA++ on several (planning it reads every covariance), keeps them all in
+    ``covariance.pt``, written by rank 0. Otherwise each of N ranks keeps only the covariances of the
+    layers it will decompose (``owners``): each is summed onto that rank alone, which caches its
+    share in ``covariance.rank<r>-of-<N>.pt``. A rerun on N ranks reads its own share; any other
+    run reads whichever complete cache is there (one machine, or a shared file system).
+    """
     rank, world = distributed.rank_and_world()
-    stored = None
-    if rank == 0 and cache.exists(path):
-        try:
-            stored = cache.load_checked(path, "covariance", meta)
-        except cache.CacheMismatchError as err:  # other weights, tokens or settings: calibrate anew
-            if opts.progress:
-                print(f"corda-kernels init: recalibrating: {err}", file=sys.stderr)
-    if world > 1 and distributed.broadcast_object(stored is not None):  # every rank reads what rank 0 found valid
-        distributed.check_same(cache.exists(path), f"whether {path} exists (resuming needs it on every rank)")
-        if rank != 0:
-            stored = cache.load_checked(path, "covariance", meta)
+    share_out = world > 1 and rounds == 1
+    stored = _read_covariance_cache(out, meta, share_out, opts.progress)
     if stored is not None:
-        return stored["covariances"], stored["candidates"]
+        return stored
     got = stages.collect(
         model,
         targets,
@@ -172,10 +198,61 @@ def load_or_calibrate(model, targets, ids, opts: InitOptions, out: Path, meta: d
         batch_size=opts.batch_size,
         progress=opts.progress,
         shard=(rank, world) if world > 1 else None,
+        share_out=share_out,
     )
-    if rank == 0:
-        cache.save_atomic(path, "covariance", meta, {"covariances": got.covariances, "candidates": got.candidates})
-    return got.covariances, got.candidates
+    if share_out:
+        kept = [shard_name(r, world) for r in range(world)]
+        data = {"covariances": got.covariances, "candidates": {}, "owners": got.owners}
+        cache.save_atomic(out / kept[rank], "covariance", {**meta, "shard": [rank, world]}, data)
+    else:
+        kept = [COVARIANCE_FILE]
+        if rank == 0:
+            cache.save_atomic(out / COVARIANCE_FILE, "covariance", meta, {"covariances": got.covariances,
+                                                                          "candidates": got.candidates})  # fmt: skip
+    if world > 1:
+        torch.distributed.barrier()  # every share written before rank 0 tidies up
+    if rank == 0:  # caches of other settings or rank counts would only be read instead of this one
+        for path in [out / COVARIANCE_FILE, *(p for paths in shard_sets(out).values() for p in paths)]:
+            if path.name not in kept:
+                path.unlink(missing_ok=True)
+    return got
+
+
+def _read_covariance_cache(out: Path, meta: dict, share_out: bool, progress: bool) -> stages.Covariances | None:
+    """What :func:`load_or_calibrate` finds cached, the same decision on every rank; ``None``: calibrate."""
+    rank, world = distributed.rank_and_world()
+    full = out / COVARIANCE_FILE
+    sets = shard_sets(out)
+    if world > 1:
+        distributed.check_same(
+            (cache.exists(full), sorted(sets)), f"the covariance caches in {out} (resuming needs them on every rank)"
+        )
+    own = share_out and world in sets and not cache.exists(full)
+    if own:
+        paths = [sets[world][rank]]
+    elif cache.exists(full):
+        paths = [full]
+    elif sets:
+        paths = sets[min(sets)]
+    else:
+        return None
+    parts: list[dict] | None = []
+    try:
+        for path in paths:
+            m = re.fullmatch(r"covariance\.rank(\d+)-of-(\d+)\.pt", path.name)
+            expect = meta if m is None else {**meta, "shard": [int(m[1]), int(m[2])]}
+            parts.append(cache.load_checked(path, "covariance", expect))
+    except cache.CacheMismatchError as err:  # other weights, tokens or settings: calibrate anew
+        parts = None
+        if progress and rank == 0:
+            print(f"corda-kernels init: recalibrating: {err}", file=sys.stderr)
+    if world > 1 and not all(distributed.all_gather(parts is not None)):
+        return None
+    if parts is None:
+        return None
+    covs = {name: C for part in parts for name, C in part["covariances"].items()}
+    cands = {name: K for part in parts for name, K in part["candidates"].items()}
+    return stages.Covariances(covs, cands, parts[0]["owners"] if own else None)
 
 
 @dataclass
@@ -322,8 +399,9 @@ def _run_locked(opts: InitOptions, inputs: Inputs, out: Path) -> Report:
     if lead:
         recover(out)
         work.mkdir(parents=True, exist_ok=True)
-        if not (work / "covariance.pt").exists() and (out / "covariance.pt").exists():  # resume from the last output
-            shutil.copy2(out / "covariance.pt", work / "covariance.pt")
+        for cached in out.glob("covariance*.pt") if out.is_dir() else []:  # resume from the last output
+            if not (work / cached.name).exists():
+                shutil.copy2(cached, work / cached.name)
     report = Report(options=asdict(opts))
 
     with stage(report, "load"):
@@ -341,13 +419,15 @@ def _run_locked(opts: InitOptions, inputs: Inputs, out: Path) -> Report:
     rounds = opts.rounds if opts.dynamic else 1
     with stage(report, "calibrate"):
         key = covariance_meta(opts, model, targets, ids, rounds)
-        covs, cands = load_or_calibrate(model, targets, ids, opts, work, key, rounds)
+        calibration = load_or_calibrate(model, targets, ids, opts, work, key, rounds)
+        held = {id(C): C for C in calibration.covariances.values()}
+        report.extra["covariances_held_mib"] = round(sum(C.nbytes for C in held.values()) / 2**20, 3)
     fault_point("calibrate")
 
     with stage(report, "corda++") if opts.dynamic else contextlib.nullcontext():
         chosen = stages.plan(
             targets,
-            stages.Covariances(covs, cands),
+            calibration,
             rank=opts.rank,
             alpha=opts.lora_alpha(),
             mode=opts.mode,
@@ -364,10 +444,13 @@ def _run_locked(opts: InitOptions, inputs: Inputs, out: Path) -> Report:
     check_ranks(targets, ranks)
 
     with stage(report, "decompose"):
-        adapters = decompose_into(model, targets, covs, ranks, alphas, opts, work, report, key)
+        adapters = decompose_into(model, targets, covs, ranks, alphas, opts, work, report, key, calibration.owners)
     fault_point("decompose")
     if world > 1:
-        report.extra["ranks"] = distributed.all_gather({"rank": rank, "stages": dict(report.stages)})
+        held_mib = report.extra["covariances_held_mib"]
+        report.extra["ranks"] = distributed.all_gather(
+            {"rank": rank, "stages": dict(report.stages), "covariances_held_mib": held_mib}
+        )
         if not lead:
             return report
 
@@ -446,8 +529,14 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: Path, report: Report, key: dict):  # noqa: ANN001, ANN201
-    """Per layer: CO-SVD, adapters, residual written into the model in place. Resumable."""
+def decompose_into(  # noqa: ANN201
+    model, targets, covs, ranks, alphas, opts: InitOptions, out: Path, report: Report, key: dict,  # noqa: ANN001
+    owners: dict[str, int] | None = None,
+):  # fmt: skip
+    """Per layer: CO-SVD, adapters, residual written into the model in place. Resumable.
+
+    Several ranks share the layers out by cost; ``owners`` (each layer's rank) when the covariances
+    were shared out that way already (each rank holds only its own)."""
     partial = out / ".partial.pt"
     meta = {
         "mode": opts.mode,
@@ -474,7 +563,7 @@ def decompose_into(model, targets, covs, ranks, alphas, opts: InitOptions, out: 
     todo = {name: m for name, m in targets.items() if name not in finished}
     mine = todo
     if world > 1:
-        owners = layer_owners(todo, covs, world)
+        owners = {n: owners[n] for n in todo} if owners is not None else layer_owners(todo, covs, world)
         mine = {name: m for name, m in todo.items() if owners[name] == rank}
     layers = stages.decompose(
         mine, covs, ranks, opts.mode, method=opts.method, screen=opts.damping_screen, progress=opts.progress

@@ -53,6 +53,7 @@ class Covariances:
 
     covariances: dict[str, torch.Tensor]
     candidates: dict[str, torch.Tensor] = field(default_factory=dict)
+    owners: dict[str, int] | None = None  # shared out over ranks: each layer's rank (the others hold none)
 
 
 @dataclass
@@ -85,15 +86,23 @@ def collect(
     batch_size: int = 8,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    share_out: bool = False,
 ) -> Covariances:
     """Run the calibration token ids ``(N, L)`` through ``model`` in batches with the hooks attached.
 
     ``shard=(rank, world)``: this rank runs sequences ``rank, rank + world, …`` (each in the round
     of its index among all ``N``) and the sums are added over the ranks of the current
-    ``torch.distributed`` group, so every rank gets the covariances of all ``N`` sequences.
+    ``torch.distributed`` group, so every rank gets the covariances of all ``N`` sequences; with
+    ``share_out`` each covariance reaches only the rank that will decompose its layers
+    (:func:`~corda_kernels.engine.pipeline.layer_owners`, returned in ``owners``), and this rank's
+    share is returned.
     """
     collector = CovarianceCollector(
-        targets, normalization=normalization, rounds=rounds, sum_over_ranks=shard is not None
+        targets,
+        normalization=normalization,
+        rounds=rounds,
+        sum_over_ranks=shard is not None,
+        share_out=share_out and shard is not None,
     )
     runner = calibration_runner(model, targets)
     index = torch.arange(ids.shape[0])
@@ -106,9 +115,12 @@ def collect(
             runner(input_ids=ids[batch], use_cache=False)
     candidates: dict[str, torch.Tensor] = {}
     if rounds > 1:
+        collector.finalize()
         for acc in collector.accumulators():
+            if acc.C is None:  # held by another rank
+                continue
             candidates.update(dict.fromkeys(acc.members, collector.candidates(acc.members[0])))
-    return Covariances(collector.covariances(), candidates)
+    return Covariances(collector.covariances(), candidates, collector.owners)
 
 
 def plan(
