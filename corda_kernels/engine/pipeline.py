@@ -146,8 +146,13 @@ def decompose_layers(
     for unit in units:
         chunk = unit.chunk
         t0 = time.perf_counter()
+        # computed where the unit's first layer runs (covariances may be kept on the CPU, layers
+        # of one unit may sit on several devices)
+        first = chunk[0][1][0]
+        dev = offload.device(first, modules[first]) if offload else linear_weight(modules[first]).device
         try:
-            C_fix, damps, checked = damp_covariance(torch.stack([C.float() for C, _ in chunk]), screen=screen)
+            Cs = torch.stack([C.to(device=dev, dtype=torch.float32) for C, _ in chunk])
+            C_fix, damps, checked = damp_covariance(Cs, screen=screen)
         except DampingError as err:
             raise DampingError(err.index, f"layer(s) {', '.join(chunk[err.index][1])}: {err}") from err
         except ValueError as err:
@@ -170,7 +175,7 @@ def decompose_layers(
         for (shape, r), members in batches.items():
             t1 = time.perf_counter()
             with offload.onloaded([name for name, _ in members]) if offload else contextlib.nullcontext():
-                W = torch.stack([linear_weight(modules[name]).detach() for name, _ in members])
+                W = torch.stack([linear_weight(modules[name]).detach().to(dev) for name, _ in members])
             Cb = C_fix[[i for _, i in members]]
             meta: dict = {}
             U, S, V = cosvd(W, Cb, rank=r, which=which, C_fix=Cb, method=method, info=meta)

@@ -73,6 +73,7 @@ def collect_covariances(
     counts: dict[str, int] | None = None,
     model_weights: str | None = None,
     owners: dict[str, int] | None = None,
+    covariance_device: str | torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """Covariances of the target layers: from ``covariance_file`` when it matches, else by calibration.
 
@@ -81,6 +82,7 @@ def collect_covariances(
     Under ``torch.distributed`` with several ranks the calibration is summed over the ranks; when
     ``owners`` is given (and no ``covariance_file`` is to be written) each rank keeps only the
     covariances of the layers it decomposes, and ``owners`` receives every layer's rank.
+    ``covariance_device`` is where the sums accumulate (default: each layer's input device).
     """
     cov_file = lora_config.corda_config.covariance_file
     meta = {
@@ -99,7 +101,11 @@ def collect_covariances(
     hooked_targets = targets if hooked_model is None else target_modules(hooked, lora_config)
     share_out = owners is not None and cov_file is None and distributed.active()
     collector = CovarianceCollector(
-        hooked_targets, normalization=normalization, share_inputs=share_inputs, share_out=share_out
+        hooked_targets,
+        normalization=normalization,
+        share_inputs=share_inputs,
+        share_out=share_out,
+        device=covariance_device,
     )
     was_training = hooked.training
     hooked.eval()
@@ -154,6 +160,7 @@ def preprocess_corda(
     method: str = "fast",
     share_inputs: bool = True,
     damping_screen: bool = True,
+    covariance_device: str | torch.device | None = None,
 ) -> None:
     """Build the CorDA ``eigens`` of every target module (PEFT's ``preprocess_corda`` arguments).
 
@@ -162,7 +169,10 @@ def preprocess_corda(
     exact SVD where a layer cannot be certified; ``exact``: a full float64 SVD per layer, the
     reference), ``share_inputs`` (one covariance per distinct input tensor), ``damping_screen``
     (``False``: the literal damping check at every step; the damp is the same,
-    :mod:`corda_kernels.ops.damping`). ``CordaConfig``'s fields are honoured: ``cache_file`` and
+    :mod:`corda_kernels.ops.damping`), ``covariance_device`` (where the covariances accumulate
+    during calibration; default each layer's input device, ``"cpu"`` keeps them off the GPUs at
+    one device-to-host copy of an ``n×n`` sum per 512 buffered tokens). Each damping unit is
+    decomposed on the device its first layer runs on. ``CordaConfig``'s fields are honoured: ``cache_file`` and
     ``covariance_file`` (our own format, which records and checks the settings),
     ``corda_method``, ``verbose`` (progress bars), ``prune_temporary_fields`` (``False`` leaves
     ``sample_count``, ``covariance_matrix``, ``corda_method`` and ``rank`` on each target, as
@@ -232,6 +242,7 @@ def preprocess_corda(
         counts=counts,
         model_weights=meta["model_weights"],
         owners=owners,
+        covariance_device=covariance_device,
     )
     if world > 1 and not owners:  # every covariance here (from a file, or for PEFT's fields)
         owners = layer_owners(targets, covs, world)
