@@ -31,20 +31,8 @@ from _gpu_util import SMALL, guarded, rel_err, row, sync  # noqa: E402
 SV_TOL = 1e-4
 
 
-def _config(targets: list[str], mode: str, rank: int, **kw: Any):  # noqa: ANN202
-    from peft import LoraConfig
-    from peft.tuners.lora.config import CordaConfig
-
-    return LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=targets,
-        init_lora_weights="corda",
-        corda_config=CordaConfig(corda_method=mode, **kw),
-    )
-
-
 def _correctness(device: str) -> list[dict[str, Any]]:
+    from bench_dropin import corda_lora_config  # PEFT is imported only where it is installed
     from peft import get_peft_model
 
     from corda_kernels.peft import preprocess_corda, target_modules
@@ -56,12 +44,12 @@ def _correctness(device: str) -> list[dict[str, Any]]:
     for mode in ("ipm", "kpm"):
         base = tiny_llama(seed=1)
         cpu_model, gpu_model = copy.deepcopy(base), copy.deepcopy(base).to(device)
-        cfg_cpu = _config(LLAMA_TARGETS, mode, 8, prune_temporary_fields=False)
+        cfg_cpu = corda_lora_config(LLAMA_TARGETS, mode, 8)
         preprocess_corda(cpu_model, cfg_cpu, run_model=lambda m=cpu_model: [m(s) for s in seqs])
-        cfg = _config(LLAMA_TARGETS, mode, 8, prune_temporary_fields=False)
+        cfg = corda_lora_config(LLAMA_TARGETS, mode, 8)
         preprocess_corda(gpu_model, cfg, run_model=lambda m=gpu_model: [m(s.to(device)) for s in seqs])
         off = copy.deepcopy(base).to(device)
-        cfg_off = _config(LLAMA_TARGETS, mode, 8, prune_temporary_fields=False)
+        cfg_off = corda_lora_config(LLAMA_TARGETS, mode, 8)
         preprocess_corda(off, cfg_off, run_model=lambda m=off: [m(s.to(device)) for s in seqs], covariance_device="cpu")
         ref_mods, off_mods = target_modules(cpu_model, cfg_cpu), target_modules(off, cfg_off)
         sv_err = cov_err = off_err = 0.0
@@ -88,7 +76,7 @@ def _correctness(device: str) -> list[dict[str, Any]]:
 
 
 def _timing(device: str) -> list[dict[str, Any]]:
-    from bench_dropin import tiny_models
+    from bench_dropin import corda_lora_config, tiny_models
     from peft.tuners.lora.corda import preprocess_corda as peft_preprocess
 
     from corda_kernels.peft import preprocess_corda
@@ -113,7 +101,7 @@ def _timing(device: str) -> list[dict[str, Any]]:
                     m = copy.deepcopy(model)
                     sync(device)
                     t0 = time.perf_counter()
-                    fn(m, _config(targets, mode, 16), run_model=lambda m=m: forward(m))
+                    fn(m, corda_lora_config(targets, mode, 16), run_model=lambda m=m: forward(m))
                     sync(device)
                     best[label] = min(best.get(label, float("inf")), (time.perf_counter() - t0) * 1e3)
                     del m
