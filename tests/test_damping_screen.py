@@ -3,6 +3,7 @@ literal rule, with the literal check only where the probe estimate is near the t
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -10,10 +11,15 @@ import torch
 
 import corda_kernels as ck
 from corda_kernels.ops.damping import (
+    INVERSE_PROBES,
     SCREEN_MARGIN,
+    SCREEN_PROBES,
     _identity_residual,
+    check_residual,
     damp_covariance,
+    exactly_symmetric,
     fix_covariance,
+    inverse_residual,
     probe_residual,
     rule_allows,
     search_damp,
@@ -65,7 +71,7 @@ def test_screen_chooses_the_literal_damp(kind: str, n: int, gen: torch.Generator
 
 
 def test_screen_decides_far_from_threshold_and_checks_near_it(gen: torch.Generator) -> None:
-    """Counting the literal checks: none where the estimate is ≥ 8× away, one where it is near."""
+    """Counting the literal checks: none where the estimate is a margin away, one where it is near."""
     C = covariance("lowrank", 160, gen).unsqueeze(0)  # singular: hopeless at tiny damps
     calls: list[int] = []
 
@@ -87,14 +93,7 @@ def test_screen_decides_far_from_threshold_and_checks_near_it(gen: torch.Generat
     assert far, res
     d, checked = run(far[0] * 4)  # well inside: accepted by the screen alone
     assert calls == [] and not checked and d == far[0] * 4
-    lo, hi = math.log(damps[0]), math.log(damps[-1])  # bisect (log damp) to a residual just below 0.05
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        r = float(_identity_residual(*_fix_inv(C, math.exp(mid)))[0])
-        if 0.02 < r < 0.045:
-            break
-        lo, hi = (lo, mid) if r < 0.02 else (mid, hi)
-    assert 0.02 < r < 0.045, r
+    mid = _damp_with_residual(C, NEAR)
     d, checked = run(math.exp(mid))  # near the threshold: the literal check decides
     assert checked and len(calls) == 1 and d == math.exp(mid)
     start = damps[0]
@@ -107,6 +106,25 @@ def test_screen_decides_far_from_threshold_and_checks_near_it(gen: torch.Generat
 def _fix_inv(C: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     F = fix_covariance(C, torch.full((C.shape[0],), damp, dtype=torch.float64))
     return F, torch.linalg.inv(F)
+
+
+# Literal residuals near the threshold 0.05 (the second tier's 2× margin reaches down to 0.025: at
+# 0.038 its 64 probes would have to be 1.5× low, a ~1e-5 event for a rank-one residual) and well
+# inside the screen's margin but more than the second tier's below it.
+NEAR = (0.038, 0.048)
+INSIDE = (0.009, 0.016)
+
+
+def _damp_with_residual(C: torch.Tensor, band: tuple[float, float]) -> float:
+    """log of a damp whose literal residual for ``C`` ``(1, n, n)`` lies in ``band`` (bisection on log damp)."""
+    lo, hi = math.log(1e-10), math.log(10.0)
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        r = float(_identity_residual(*_fix_inv(C, math.exp(mid)))[0])
+        if band[0] < r < band[1]:
+            return mid
+        lo, hi = (lo, mid) if r < band[0] else (mid, hi)
+    raise AssertionError(f"no damp gives a residual in {band} (last {r:.3g})")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -130,6 +148,78 @@ def test_probe_estimate_tracks_the_residual(kind: str, gen: torch.Generator) -> 
     assert checked >= 1, f"no damp gave a residual ≥ 1e-4 for {kind} (seed {gen.initial_seed()})"
 
 
+def test_second_tier_decides_inside_the_screen_margin_without_the_product(gen: torch.Generator) -> None:
+    """A residual inside the screen's margin but a factor 3+ below the threshold: the probes through
+    the inverse accept the step (no float32 ``n³`` product), with the rule's damp, ``C_fix`` and inverse."""
+    C = covariance("lowrank", 160, gen).unsqueeze(0)
+    mid = _damp_with_residual(C, INSIDE)
+    F = fix_covariance(C, torch.tensor([math.exp(mid)], dtype=torch.float64))
+    LU, piv, _ = lu_factor_ex(F)
+    assert 0.05 / SCREEN_MARGIN < float(probe_residual(F, LU, piv, SCREEN_PROBES)[0]), "the screen alone would decide"
+    calls: list[int] = []
+
+    def counted(fixed: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        calls.append(fixed.shape[0])
+        return _identity_residual(fixed, inv)
+
+    for batch, inverse in itertools.product((1, 2), (False, True)):  # a CPU batch is decided matrix by matrix
+        calls.clear()
+        Cb = C.expand(batch, -1, -1).contiguous()
+        fixed, inv, d, checked = search_damp(
+            Cb, math.exp(mid), 0.05, 60, lambda idx, ds, Cb=Cb: fix_covariance(Cb[idx], ds), counted, inverse=inverse
+        )
+        assert calls == [] and not bool(checked.any()), (batch, inverse, calls)
+        assert d.tolist() == [math.exp(mid)] * batch and rule_allows(Cb, d, damp=math.exp(mid)) == []
+        f0, i0, d0 = ck.damped_inverse(Cb, damp=math.exp(mid), screen=False)
+        assert torch.equal(d0, d) and torch.equal(fixed, f0)
+        if inverse:
+            assert torch.equal(inv, i0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inverse_probes_estimate_the_check(kind: str, gen: torch.Generator) -> None:
+    """The second tier's estimate against the check's float64 value for the same inverse: only the
+    probes' spread, ``√(χ²₆₄/64)`` at worst (rank one) inside 0.62–1.44 but for a 1e-5 event."""
+    C = covariance(kind, 150, gen).double()
+    C = (C - 0.999 * torch.linalg.eigvalsh(C)[0] * torch.eye(150, dtype=torch.float64)).float()
+    checked = 0
+    for damp in (1e-10, 1e-8, 1e-6, 1e-4, 1e-3):
+        F = fix_covariance(C.unsqueeze(0), torch.tensor([damp], dtype=torch.float64))
+        X = torch.linalg.inv(F)
+        r = float(check_residual(F, X)[0][0])
+        if r < 1e-4:
+            continue
+        for symmetric in (True, False):
+            est = float(inverse_residual(F, X, INVERSE_PROBES, symmetric)[0])
+            assert 0.6 < est / r < 1.5, (kind, damp, symmetric, est, r, gen.initial_seed())
+        checked += 1
+    assert checked >= 1, f"no damp gave a residual ≥ 1e-4 for {kind} (seed {gen.initial_seed()})"
+
+
+@pytest.mark.parametrize("n", [5, 128, 300])
+def test_exactly_symmetric_finds_any_asymmetric_entry(n: int, gen: torch.Generator) -> None:
+    """Every position, on either side of the diagonal, in every panel; one matrix of a batch suffices."""
+    C = torch.stack([covariance("outlier", n, gen) for _ in range(2)])
+    C = (C + C.mT) / 2  # exactly symmetric whatever the float32 product gave
+    assert exactly_symmetric(C)
+    for i, j in [(0, n - 1), (n - 1, 0), (n // 2, n // 3), (n - 2, n - 1), (1, 0)]:
+        D = C.clone()
+        D[1, i, j] = torch.nextafter(D[1, i, j], torch.tensor(float("inf")))
+        assert not exactly_symmetric(D), (i, j)
+
+
+def test_asymmetric_input_gets_the_inverse_of_itself(gen: torch.Generator) -> None:
+    """A covariance that is not exactly symmetric (one entry a bit off) is factored as it is: the
+    screen's inverse is ``torch.linalg.inv`` of its own ``C_fix``, not of its transpose's."""
+    n = 200
+    C = covariance("powerlaw", n, gen)
+    C = (C + C.T) / 2
+    C[3, 150] *= 1.001
+    fixed, inv, d = ck.damped_inverse(C, damp=1e-3)
+    assert torch.equal(fixed, fix_covariance(C.unsqueeze(0), torch.tensor([d], dtype=torch.float64))[0])
+    assert torch.equal(inv, torch.linalg.inv(fixed))
+
+
 def test_damp_covariance_single_matrix_and_literal(gen: torch.Generator) -> None:
     C = covariance("lowrank", 90, gen)
     f, d, checked = damp_covariance(C)
@@ -151,14 +241,7 @@ def test_cpu_batch_decides_each_matrix_as_alone(gen: torch.Generator) -> None:
     ok_far = covariance("outlier", n, gen)
     hopeless = covariance("lowrank", n, gen)  # singular: its tiny damp is rejected
     near = hopeless.clone()
-    # a damp whose literal residual lands inside the screen's margin (between t/8 and t)
-    lo, hi = math.log(1e-10), math.log(1.0)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        r = float(_identity_residual(*_fix_inv(near.unsqueeze(0), math.exp(mid)))[0])
-        if 0.05 / SCREEN_MARGIN < r < 0.045:
-            break
-        lo, hi = (lo, mid) if r < 0.05 / SCREEN_MARGIN else (mid, hi)
+    mid = _damp_with_residual(near.unsqueeze(0), NEAR)  # inside both margins: the literal check
     fixed = torch.stack(
         [
             fix_covariance(ok_far.unsqueeze(0), torch.tensor([0.01], dtype=torch.float64))[0],

@@ -176,7 +176,10 @@ def decompose_layers(
             t1 = time.perf_counter()
             with offload.onloaded([name for name, _ in members]) if offload else contextlib.nullcontext():
                 W = torch.stack([linear_weight(modules[name]).detach().to(dev) for name, _ in members])
-            Cb = C_fix[[i for _, i in members]]
+            idx = [i for _, i in members]
+            # a view where the batch is a run of the chunk (a gather copies n² per layer)
+            run = idx == list(range(idx[0], idx[0] + len(idx)))
+            Cb = C_fix[idx[0] : idx[0] + len(idx)] if run else C_fix[idx]
             meta: dict = {}
             U, S, V = cosvd(W, Cb, rank=r, which=which, C_fix=Cb, method=method, info=meta)
             per_layer = (time.perf_counter() - t1) / len(members)

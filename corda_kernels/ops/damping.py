@@ -21,8 +21,14 @@ the estimate lies within a factor 0.22–3.8 of it, and within 0.49–1.26 where
 dominated by its own float32 rounding (band ``rho < r/2``; elsewhere the oracle accepts either
 decision near the threshold): an 8× margin leaves 1.7× to spare, 4× where it counts. Neither more
 probes nor a float64 product narrows it (128 probes: 0.38–2.8): the solve's residual and the
-explicit inverse's differ by their own rounding, so the margin stays 8×. ``screen=False`` runs
-the literal rule.
+explicit inverse's differ by their own rounding, so the margin stays 8×.
+
+Near the threshold the inverse is taken (the literal check needs it); before its ``n³`` product,
+``INVERSE_PROBES`` (64) probes through that very inverse, in float64, estimate the check's float64
+value with no error but their own spread (:func:`inverse_residual`); a step more than
+``INVERSE_MARGIN`` (2×) from the threshold is decided there. The spread is widest for a rank-one
+residual, ``√(χ²₆₄/64)``: off by 2× is a ~1e-10 event. Only the rest get the float32 product.
+``screen=False`` runs the literal rule.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ DEFAULT_THRESHOLD = 0.05
 DEFAULT_MAX_STEPS = 40
 SCREEN_PROBES = 32
 SCREEN_MARGIN = 8.0
+INVERSE_PROBES = 64
+INVERSE_MARGIN = 2.0
 
 
 class DampingError(RuntimeError):
@@ -80,6 +88,33 @@ def fix_covariance(C: torch.Tensor, damp: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def exactly_symmetric(C: torch.Tensor, panel: int = 128) -> bool:
+    """Whether every matrix of ``C`` ``(..., n, n)`` equals its transpose bit for bit.
+
+    By panels of ``panel`` columns (a whole transposed read is cache-hostile: n = 1536 6.1 ms, by
+    panels 2.2 ms). A covariance accumulated here is symmetric by construction (one triangle,
+    mirrored), and a diagonal shift keeps it so.
+    """
+    n = C.shape[-1]
+    for i in range(0, n, panel):
+        e = min(n, i + panel)
+        if not torch.equal(C[..., i:e, i:], C[..., i:, i:e].mT):
+            return False
+    return True
+
+
+def _lapack_layout(A: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """``A`` ``(..., n, n)`` as LAPACK reads it (column-major) without a transposed copy where it is
+    exactly symmetric: its transpose view is then the same matrix, column-major contiguous.
+
+    torch's LU copies a row-major input into column-major order first; that transposed copy of
+    fresh pages cost as much as half the factorization (n = 1536: LU 17.9 → 10.9 ms, the solve
+    with the identity 32.5 → 25.4 ms with its column-major identity). The factors, and the
+    inverse solved from them, are bit for bit those of ``A`` itself (the same matrix).
+    """
+    return A.mT if symmetric else A
+
+
 def probe_residual(fixed: torch.Tensor, LU: torch.Tensor, pivots: torch.Tensor, probes: int) -> torch.Tensor:
     """Estimate of ``‖fixed·X − I‖_F`` for the LU solve ``X``, from ``probes`` Gaussian probes.
 
@@ -92,6 +127,26 @@ def probe_residual(fixed: torch.Tensor, LU: torch.Tensor, pivots: torch.Tensor, 
     G = G.expand(B, n, probes)
     R = fixed @ lu_solve(LU, pivots, G) - G
     return (R.double().square().sum(dim=(-2, -1)) / probes).sqrt().cpu()
+
+
+def inverse_residual(fixed: torch.Tensor, inv: torch.Tensor, probes: int, symmetric: bool = False) -> torch.Tensor:
+    """Estimate of ``‖fixed·inv − I‖_F`` taken exactly, from ``probes`` Gaussian probes in float64.
+
+    ``fixed``, ``inv`` ``(B, n, n)`` float32 (``inv`` the explicit inverse the check multiplies
+    by); ``symmetric``: ``fixed`` is exactly symmetric. ``‖(fixed·inv − I)G‖_F² / s`` is an
+    unbiased estimate of the check's float64 value squared, with no other error: ``inv`` is the
+    check's own operand and the products are float64 (a float32 ``n³`` product is the cost this
+    replaces). Returns float64 ``(B,)`` on the CPU.
+    """
+    from .cosvd.products import _mm64
+
+    n = fixed.shape[-1]
+    gen = torch.Generator().manual_seed(1)
+    G = torch.randn(n, probes, generator=gen, dtype=torch.float64).to(fixed.device)
+    Gt = G.T.expand(fixed.shape[0], probes, n)
+    Yt = _mm64(Gt, inv.mT)  # (inv·G)ᵀ = Gᵀ·invᵀ, by row panels of invᵀ (contiguous for a solve's column-major inv)
+    Rt = _mm64(Yt, fixed) if symmetric else Yt @ fixed.mT.double()  # (fixed·inv·G)ᵀ
+    return ((Rt - Gt).square().sum(dim=(-2, -1)) / probes).sqrt().cpu()
 
 
 def search_damp(
@@ -119,9 +174,10 @@ def search_damp(
     C_fix = torch.empty_like(C)
     C_inv = torch.empty_like(C) if inverse else C.new_empty(0)
     todo = torch.arange(B)
+    symmetric = exactly_symmetric(C)  # a diagonal shift keeps it: decided once
     for step in range(max_steps):
         fixed = shifted(todo.to(C.device), damps[todo])
-        ok, inv, exact = _decide(fixed, threshold, residual, probes, inverse)
+        ok, inv, exact = _decide(fixed, threshold, residual, probes, inverse, symmetric)
         checked[todo] = exact
         if step == 0 and bool(ok.all()):  # the common case: the first damp suffices for all, no copies
             return fixed, inv, damps, checked
@@ -146,11 +202,13 @@ def _decide(
     residual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     probes: int,
     inverse: bool,
+    symmetric: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of the search for ``fixed`` ``(b, n, n)``: ``(accepted, C_inv, checked)``.
 
     ``accepted`` and ``checked`` are bool ``(b,)`` on the CPU; ``C_inv`` is ``(b, n, n)`` (rows of
-    rejected matrices are garbage) when ``inverse``, else empty.
+    rejected matrices are garbage) when ``inverse``, else empty. ``symmetric``: every matrix of
+    ``fixed`` is exactly symmetric (:func:`exactly_symmetric`), so LAPACK reads it without a copy.
     """
     b = fixed.shape[0]
     if probes <= 0:
@@ -158,8 +216,8 @@ def _decide(
         err = residual(fixed, inv).cpu()
         return (info.cpu() == 0) & (err < threshold), inv, torch.ones(b, dtype=torch.bool)
     if fixed.device.type == "cpu" and b > 1:
-        return _decide_each(fixed, threshold, residual, probes, inverse)
-    LU, pivots, info = lu_factor_ex(fixed)
+        return _decide_each(fixed, threshold, residual, probes, inverse, symmetric)
+    LU, pivots, info = lu_factor_ex(_lapack_layout(fixed, symmetric))
     est = probe_residual(fixed, LU, pivots, probes)
     factored = info.cpu() == 0
     ok = factored & (est <= threshold / SCREEN_MARGIN)
@@ -173,19 +231,28 @@ def _decide(
         sub = fixed if whole else fixed[idx.to(fixed.device)]
         # the very inverse the literal rule takes: torch's inv is a solve with the identity on
         # the same LU (bit-identical), so the screen's factors are reused instead of refactored
-        eye = torch.eye(sub.shape[-1], dtype=sub.dtype, device=sub.device).expand_as(sub)
+        eye = torch.eye(sub.shape[-1], dtype=sub.dtype, device=sub.device).mT.expand_as(sub)  # column-major
         if whole:
-            sub_LU, sub_piv, sub_info = LU, pivots, info
+            sub_LU, sub_piv = LU, pivots
         else:
-            sub_LU, sub_piv, sub_info = LU[idx.to(LU.device)], pivots[idx.to(pivots.device)], info[idx.to(info.device)]
+            sub_LU, sub_piv = LU[idx.to(LU.device)], pivots[idx.to(pivots.device)]
         sub_inv = lu_solve(sub_LU, sub_piv, eye)
         if inverse:
             inv = sub_inv if whole else inv.index_copy_(0, idx.to(fixed.device), sub_inv)
-        sel = unsure[idx]
+        sel = unsure[idx]  # factored (an unfactored matrix is rejected, not unsure)
         if bool(sel.any()):
             s_dev = sel.to(fixed.device)
-            err = residual(sub[s_dev], sub_inv[s_dev]).cpu()
-            ok[idx[sel]] = (sub_info.cpu()[sel] == 0) & (err < threshold)
+            est = inverse_residual(sub[s_dev], sub_inv[s_dev], INVERSE_PROBES, symmetric)
+            near = (est > threshold / INVERSE_MARGIN) & (est < threshold * INVERSE_MARGIN)  # NaN: near
+            near |= ~torch.isfinite(est)
+            ok[idx[sel]] = est <= threshold / INVERSE_MARGIN
+            unsure[idx[sel]] = near
+            lit = sel.clone()
+            lit[sel] = near
+            if bool(lit.any()):
+                l_dev = lit.to(fixed.device)
+                err = residual(sub[l_dev], sub_inv[l_dev]).cpu()
+                ok[idx[lit]] = err < threshold
     return ok, inv, unsure
 
 
@@ -195,6 +262,7 @@ def _decide_each(
     residual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     probes: int,
     inverse: bool,
+    symmetric: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_decide` one matrix at a time, the CPU's way (its LU helpers loop anyway).
 
@@ -208,7 +276,7 @@ def _decide_each(
     inv = torch.empty_like(fixed) if inverse else fixed.new_empty(0)
     for i in range(b):
         one = fixed[i : i + 1]
-        LU, pivots, info = torch.linalg.lu_factor_ex(one[0])
+        LU, pivots, info = torch.linalg.lu_factor_ex(_lapack_layout(one[0], symmetric))
         if int(info) != 0:
             continue  # not factored: rejected, as in the batched form
         est = float(probe_residual(one, LU.unsqueeze(0), pivots.unsqueeze(0), probes)[0])
@@ -218,13 +286,17 @@ def _decide_each(
         if sure and not inverse:
             ok[i] = True
             continue
-        eye = torch.eye(one.shape[-1], dtype=one.dtype, device=one.device)
+        eye = torch.eye(one.shape[-1], dtype=one.dtype, device=one.device).mT  # column-major, no copy
         one_inv = torch.linalg.lu_solve(LU, pivots, eye).unsqueeze(0)
         if inverse:
             inv[i] = one_inv[0]
         if sure:
             ok[i] = True
-        else:
+            continue
+        est = float(inverse_residual(one, one_inv, INVERSE_PROBES, symmetric)[0])
+        if est <= threshold / INVERSE_MARGIN:
+            ok[i] = True
+        elif not est >= threshold * INVERSE_MARGIN:  # near the threshold, or not finite: the check itself
             unsure[i] = True
             ok[i] = bool(residual(one, one_inv).cpu()[0] < threshold)
     return ok, inv, unsure
