@@ -20,6 +20,7 @@ from corda_kernels.ops.cosvd.eigen import eigh_range
     ("k", "dtype", "first", "count", "batch", "subset"),
     [
         (300, torch.float64, 0, 16, 2, True),  # the bottom (KPM's eigh factor)
+        (300, torch.float64, 3, 10, 5, True),  # a batch shared by the threads (more matrices than threads)
         (300, torch.float64, 284, 16, 1, True),  # the top
         (300, torch.float64, 0, 40, 1, False),  # more than k/16 pairs
         (200, torch.float64, 5, 12, 2, False),  # k below SUBSET_MIN_K, an inner range
@@ -38,16 +39,16 @@ def test_eigh_range_is_the_float64_range(
     gen: torch.Generator,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import scipy.linalg
+    from corda_kernels.ops.cosvd import eigen
 
     calls: list[tuple] = []
-    solver = scipy.linalg.eigh
+    solver = eigen._syevr
 
-    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append(kwargs.get("subset_by_index"))
-        return solver(*args, **kwargs)
+    def counting(a, first, count):  # noqa: ANN001, ANN202
+        calls.append((first, first + count - 1))
+        return solver(a, first, count)
 
-    monkeypatch.setattr(scipy.linalg, "eigh", counting)
+    monkeypatch.setattr(eigen, "_syevr", counting)
     u = torch.finfo(dtype).eps / 2
     A = torch.randn(batch, k, k + 7, generator=gen, dtype=torch.float64)
     G64 = A @ A.mT / k + 0.1 * torch.eye(k, dtype=torch.float64)  # spectrum 0.1 … ~4.1, gaps ~1/k
@@ -79,3 +80,24 @@ def test_eigh_range_is_the_float64_range(
 def test_eigh_range_rejects_indices_outside(first: int, count: int) -> None:
     with pytest.raises(ValueError, match="eigh_range: indices"):
         eigh_range(torch.eye(10, dtype=torch.float64).unsqueeze(0), first, count)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_subset_solver_is_scipys_bit_for_bit(dtype: torch.dtype, gen: torch.Generator) -> None:
+    """LAPACK's ``syevr`` called through SciPy's Cython export, several matrices on threads, gives
+    exactly what ``scipy.linalg.eigh(driver="evr", subset_by_index=…)`` gives for each one."""
+    import scipy.linalg
+
+    from corda_kernels.ops.blas_threads import blas_threads
+
+    k, batch = 520, 3
+    A = torch.randn(batch, k, k, generator=gen, dtype=torch.float64)
+    G = (A @ A.mT).to(dtype)
+    values, vectors = eigh_range(G, 7, 20)
+    with blas_threads(1):  # as eigh_range runs it below BLAS_THREADS_MIN_K
+        for b in range(batch):
+            # SciPy's wrapper on the same operand: G's upper triangle as a Fortran-ordered lower one
+            w, v = scipy.linalg.eigh(
+                G[b].numpy().T, lower=True, subset_by_index=(7, 26), driver="evr", check_finite=False
+            )
+            assert torch.equal(values[b], torch.from_numpy(w)) and torch.equal(vectors[b], torch.from_numpy(v)), b
