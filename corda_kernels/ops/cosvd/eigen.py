@@ -54,7 +54,8 @@ def eigh_range(G: torch.Tensor, first: int, count: int) -> tuple[torch.Tensor, t
     ascending. Reads the upper triangle of ``G`` only.
 
     On the CPU with ``k ≥ SUBSET_MIN_K[dtype]`` and ``count ≤ k/SUBSET_SHARE[dtype]``: LAPACK's ``syevr`` for the
-    range (SciPy), one matrix at a time; otherwise torch's ``eigh`` of all pairs, sliced.
+    range, the matrices on ``torch.get_num_threads()`` threads with one BLAS thread each (one matrix at
+    a time on all of them from ``BLAS_THREADS_MIN_K``); otherwise torch's ``eigh`` of all pairs, sliced.
     """
     k = G.shape[-1]
     if not 0 <= first <= first + count <= k or count < 1:
