@@ -76,6 +76,7 @@ class Accumulator:
     fill: int = 0
     lengths: list[int] = field(default_factory=list)  # the buffered sequences' token counts
     pending_weight: float = 0.0  # weight of the buffered sequences, added to ``weight`` at flush
+    normalized: bool = False  # C already divided by its weight in place (one round, once finalized)
 
     def __post_init__(self) -> None:
         self.C = torch.zeros(self.rounds, self.n, self.n, dtype=torch.float32, device=self.device)
@@ -142,7 +143,7 @@ class Accumulator:
             return
         rows = self.buf[: self.fill]
         if self.normalization == "peft":
-            rows.mul_(_sequence_scales(rows, self.lengths).unsqueeze(1))
+            _scale_sequences_(rows, self.lengths)
         self._gemm(rows.unsqueeze(0), None, None, None)
         self.fill = 0
         self.lengths.clear()
@@ -156,16 +157,16 @@ class Accumulator:
             self.C += tmp.to(self.C.device)
 
 
-def _sequence_scales(rows: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Per-row ``1/|max|`` of each sequence for ``rows`` ``(T, n)`` made of sequences of ``lengths`` tokens."""
+def _scale_sequences_(rows: torch.Tensor, lengths: list[int]) -> None:
+    """Multiply each sequence of ``rows`` ``(T, n)`` (sequences of ``lengths`` tokens) by its ``1/|max|``, in place."""
     L = lengths[0]
-    if all(length == L for length in lengths):  # the usual case: one reduction for the buffer
-        peaks = rows.view(len(lengths), L * rows.shape[1]).amax(dim=1)
-    else:
-        peaks = torch.stack([part.amax() for part in rows.split(lengths)])
-    lens = torch.tensor(lengths, device=rows.device)
     # 1/0 = inf for a zero max: the sums become non-finite and finalize names the layer
-    return (1.0 / peaks.abs()).repeat_interleave(lens)
+    if all(length == L for length in lengths):  # the usual case: one reduction and one product
+        seqs = rows.view(len(lengths), L * rows.shape[1])
+        seqs.mul_((1.0 / seqs.amax(dim=1).abs()).unsqueeze(1))
+    else:
+        for part in rows.split(lengths):
+            part.mul_(1.0 / part.amax().abs())
 
 
 def _update(C: torch.Tensor, x3, mask, scale, bucket) -> None:  # noqa: ANN001
@@ -400,6 +401,8 @@ class CovarianceCollector:
         acc = self._held(name)
         if bool((acc.weight == 0).any()):
             raise ValueError(f"layer {name}: a calibration round received no sequence")
+        if acc.normalized:
+            return acc.C.clone()
         return acc.C / acc.weight.to(acc.C).view(-1, 1, 1)
 
     def covariances(self) -> dict[str, torch.Tensor]:
@@ -420,5 +423,9 @@ class CovarianceCollector:
         total = float(acc.weight.sum())
         if total == 0:
             raise ValueError(f"layer {name}: calibration saw no real token")
-        C = acc.C.sum(0) if self.rounds > 1 else acc.C[0]
-        return C / total
+        if self.rounds > 1:
+            return acc.C.sum(0) / total
+        if not acc.normalized:  # in place, once: a fresh n×n result would cost its pages again
+            acc.C.div_(total)
+            acc.normalized = True
+        return acc.C[0]
