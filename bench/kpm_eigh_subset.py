@@ -7,6 +7,8 @@ place, in the same process, interleaved. Inputs: Gaussian weights of the tiny be
 and SmolLM2's projection shapes, covariances of 4n Gaussian tokens with uneven channel scales.
 
     PYTHONPATH=. python bench/kpm_eigh_subset.py    # → bench/results/kpm_eigh_subset.json
+    PYTHONPATH=. python bench/kpm_eigh_subset.py --batch 4 --shapes 1024x384,384x1024,1536x384,384x1536 \
+        --json bench/results/kpm_eigh_subset_batch4.json   # batches: the subset's matrices on threads
 
 Reported per shape: medians of 7 of the whole ``bottom_r`` call (r = 16), and the largest
 relative difference of the bottom singular values between the two (both certified).
@@ -18,6 +20,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -42,14 +45,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1, help="layers of one shape per bottom_r call")
+    ap.add_argument("--shapes", default=",".join(f"{m}x{n}" for m, n in SHAPES), help="m x n, comma-separated")
     ap.add_argument("--json", default="bench/results/kpm_eigh_subset.json")
     args = ap.parse_args()
+    shapes = [tuple(int(v) for v in item.split("x")) for item in args.shapes.split(",")]
     g = torch.Generator().manual_seed(0)
     rows = []
-    for m, n in SHAPES:
-        W = torch.randn(1, m, n, generator=g) * 0.02
-        X = torch.randn(4 * n, n, generator=g) * (torch.rand(n, generator=g) + 0.1)
-        C_fix = damp_covariance(X.T @ X / X.shape[0])[0].unsqueeze(0)
+    for m, n in shapes:
+        W = torch.randn(args.batch, m, n, generator=g) * 0.02
+        X = torch.randn(args.batch, 4 * n, n, generator=g) * (torch.rand(n, generator=g) + 0.1)
+        C_fix = damp_covariance(X.mT @ X / X.shape[1])[0]
         times: dict[str, list[float]] = {"subset": [], "full": []}
         out = {}
         for rep in range(args.reps + 1):  # the first round warms up
@@ -68,6 +74,7 @@ def main() -> None:
         S_full, S_sub = out["full"][0].double(), out["subset"][0].double()
         row = {
             "shape": [m, n],
+            "batch": args.batch,
             "full_ms": 1e3 * statistics.median(times["full"]),
             "subset_ms": 1e3 * statistics.median(times["subset"]),
             "methods": [out["full"][1], out["subset"][1]],
@@ -88,7 +95,7 @@ def main() -> None:
         "date": date.today().isoformat(),
         "cpu_model": cpu,
         "threads": torch.get_num_threads(),
-        "command": "PYTHONPATH=. python bench/kpm_eigh_subset.py",
+        "command": "PYTHONPATH=. python bench/kpm_eigh_subset.py " + " ".join(sys.argv[1:]),
         "rank": args.rank,
         "rows": rows,
     }
