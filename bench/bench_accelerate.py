@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import statistics
 import sys
 import time
@@ -51,7 +50,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_dropin import _cpu_model, corda_lora_config, worst_sv_error  # noqa: E402
+from bench.bench_dropin import _cpu_model, corda_lora_config, worst_sv_error, write_results  # noqa: E402
 from corda_kernels.peft import accelerate  # noqa: E402
 from tests.peft_reference import peft_loftq_init_cpu  # noqa: E402
 
@@ -342,10 +341,7 @@ def main() -> None:
         "command": "python bench/bench_accelerate.py " + " ".join(sys.argv[1:]),
         "rows": rows,
     }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    write_results(args.json, out)
 
 
 if __name__ == "__main__":

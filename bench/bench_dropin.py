@@ -177,9 +177,13 @@ def main() -> None:
         "command": "python bench/bench_dropin.py " + " ".join(_argv()),
         "rows": rows,
     }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    write_results(args.json, out)
+
+
+def write_results(path: str, out: dict) -> None:
+    """Write a benchmark's result dict as JSON (folders made as needed) and say where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")
 
 

@@ -24,8 +24,6 @@ case and over the cases where rounding does not dominate the check (``rho < r/2`
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 from datetime import date
 from pathlib import Path
@@ -125,13 +123,18 @@ def main() -> None:
         for subset, keep in (("every case", lambda row: True), ("rho < r/2", lambda row: row["rho"] < row["r"] / 2)):
             sel = [row for row in rows if group in ("all", row["group"]) and keep(row)]
             item = {"cases": len(sel), "matrices": len({row["name"] for row in sel})}
-            item.update({key: [min(r[key] for r in sel), max(r[key] for r in sel)] for key in keys})
             summary[f"{group}, {subset}"] = item
+            if not sel:
+                continue
+            item.update({key: [min(r[key] for r in sel), max(r[key] for r in sel)] for key in keys})
             ranges = ", ".join(f"{key} {item[key][0]:.2f}–{item[key][1]:.2f}" for key in keys)
             print(f"{group:9s} {subset:10s} {len(sel):4d} cases, {item['matrices']:3d} matrices: estimate/r {ranges}")
     lo, hi = summary["all, every case"]["screen"]
     spare = f"{SCREEN_MARGIN * lo:.2f}× (accept side), {SCREEN_MARGIN / hi:.2f}× (reject side)"
     print(f"screen margin {SCREEN_MARGIN:g}: to spare {spare}")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_dropin import _cpu_model, write_results
+
     out = {
         "date": date.today().isoformat(),
         "cpu_model": _cpu_model(),
@@ -142,17 +145,7 @@ def main() -> None:
         "summary": summary,
         "rows": rows,
     }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+    write_results(args.json, out)
 
 
 if __name__ == "__main__":
