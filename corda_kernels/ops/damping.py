@@ -149,6 +149,13 @@ def inverse_residual(fixed: torch.Tensor, inv: torch.Tensor, probes: int, symmet
     return ((Rt - Gt).square().sum(dim=(-2, -1)) / probes).sqrt().cpu()
 
 
+def _by_margin(est: torch.Tensor, threshold: float, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(accepted, near)`` for estimates ``est`` of the check: accepted at least ``margin`` below the
+    threshold, rejected at least ``margin`` above it, near (a closer look decides) in between or NaN."""
+    accepted = est <= threshold / margin
+    return accepted, ~accepted & ~(est >= threshold * margin)
+
+
 def search_damp(
     C: torch.Tensor,
     damp: float,
@@ -174,7 +181,7 @@ def search_damp(
     C_fix = torch.empty_like(C)
     C_inv = torch.empty_like(C) if inverse else C.new_empty(0)
     todo = torch.arange(B)
-    symmetric = exactly_symmetric(C)  # a diagonal shift keeps it: decided once
+    symmetric = probes > 0 and exactly_symmetric(C)  # for the screen's LU; a diagonal shift keeps it
     for step in range(max_steps):
         fixed = shifted(todo.to(C.device), damps[todo])
         ok, inv, exact = _decide(fixed, threshold, residual, probes, inverse, symmetric)
@@ -218,11 +225,9 @@ def _decide(
     if fixed.device.type == "cpu" and b > 1:
         return _decide_each(fixed, threshold, residual, probes, inverse, symmetric)
     LU, pivots, info = lu_factor_ex(_lapack_layout(fixed, symmetric))
-    est = probe_residual(fixed, LU, pivots, probes)
     factored = info.cpu() == 0
-    ok = factored & (est <= threshold / SCREEN_MARGIN)
-    rejected = ~factored | (est >= threshold * SCREEN_MARGIN)
-    unsure = ~(ok | rejected)  # includes a non-finite estimate
+    accepted, near = _by_margin(probe_residual(fixed, LU, pivots, probes), threshold, SCREEN_MARGIN)
+    ok, unsure = factored & accepted, factored & near
     need = unsure | ok if inverse else unsure
     inv = torch.empty_like(fixed) if inverse else fixed.new_empty(0)
     if bool(need.any()):
@@ -243,9 +248,8 @@ def _decide(
         if bool(sel.any()):
             s_dev = sel.to(fixed.device)
             est = inverse_residual(sub[s_dev], sub_inv[s_dev], INVERSE_PROBES, symmetric)
-            near = (est > threshold / INVERSE_MARGIN) & (est < threshold * INVERSE_MARGIN)  # NaN: near
-            near |= ~torch.isfinite(est)
-            ok[idx[sel]] = est <= threshold / INVERSE_MARGIN
+            accepted, near = _by_margin(est, threshold, INVERSE_MARGIN)
+            ok[idx[sel]] = accepted
             unsure[idx[sel]] = near
             lit = sel.clone()
             lit[sel] = near
@@ -279,10 +283,11 @@ def _decide_each(
         LU, pivots, info = torch.linalg.lu_factor_ex(_lapack_layout(one[0], symmetric))
         if int(info) != 0:
             continue  # not factored: rejected, as in the batched form
-        est = float(probe_residual(one, LU.unsqueeze(0), pivots.unsqueeze(0), probes)[0])
-        if est >= threshold * SCREEN_MARGIN:
-            continue
-        sure = est <= threshold / SCREEN_MARGIN  # False also for a non-finite estimate
+        est = probe_residual(one, LU.unsqueeze(0), pivots.unsqueeze(0), probes)
+        accepted, near = _by_margin(est, threshold, SCREEN_MARGIN)
+        sure = bool(accepted[0])
+        if not (sure or bool(near[0])):
+            continue  # rejected by the screen
         if sure and not inverse:
             ok[i] = True
             continue
@@ -293,10 +298,10 @@ def _decide_each(
         if sure:
             ok[i] = True
             continue
-        est = float(inverse_residual(one, one_inv, INVERSE_PROBES, symmetric)[0])
-        if est <= threshold / INVERSE_MARGIN:
-            ok[i] = True
-        elif not est >= threshold * INVERSE_MARGIN:  # near the threshold, or not finite: the check itself
+        est = inverse_residual(one, one_inv, INVERSE_PROBES, symmetric)
+        accepted, near = _by_margin(est, threshold, INVERSE_MARGIN)
+        ok[i] = bool(accepted[0])
+        if bool(near[0]):  # near the threshold, or NaN: the check itself
             unsure[i] = True
             ok[i] = bool(residual(one, one_inv).cpu()[0] < threshold)
     return ok, inv, unsure
