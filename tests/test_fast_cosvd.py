@@ -225,6 +225,30 @@ def test_eigh_factor_rejected_on_square_ill_conditioned(gen: torch.Generator) ->
     check(W, C_fix, (U[0], S[0], V[0]), reference(W, C_fix), 8, "bottom", infos[0])
 
 
+def test_qr_factor_error_from_the_measured_conditioning(gen: torch.Generator) -> None:
+    """The qr factor's error is ``c·ε·κ(M)`` with ``‖M‖₂ ≤ ‖R‖_F`` and ``σ_min`` the smallest value found:
+    never below the true ``c·ε·κ`` (to the iteration's residual), at most ``√k`` above. A level between
+    the free a-priori bound (largest column norm / min ``|R_ii|``) and that error is refused only after
+    the iterations, by the measured value, and the exact SVD is taken."""
+    W, C = real_case("square")
+    C_fix = ck.damped_inverse(C)[0]
+    k = W.shape[0]
+    c, eps = 2 * math.sqrt(k), torch.finfo(torch.float64).eps
+    A = (W.double() @ C_fix.double()).T  # the tall orientation of a square layer
+    s = torch.linalg.svdvals(A)
+    kappa = float(s[0] / s[-1])
+    _, _, _, infos = bottom_r(W[None], C_fix[None], 8, generator=gen, factors=("qr",))
+    assert infos[0]["method"] == "fast-kpm-qr", infos
+    ratio = infos[0]["factor_err"] / (c * eps * kappa)
+    assert 1 - 1e-6 <= ratio <= math.sqrt(k), ratio
+    R = torch.linalg.qr(A, mode="r").R
+    kappa_lo = float(A.norm(dim=0).max() / R.diagonal().abs().min())
+    assert kappa_lo < kappa
+    level = c * eps * math.sqrt(kappa_lo * kappa)
+    _, _, _, infos = bottom_r(W[None], C_fix[None], 8, generator=gen, factors=("qr",), certify=level)
+    assert infos[0]["method"] == "exact-fallback" and infos[0]["rejected"][0].startswith("qr: bound"), infos
+
+
 def test_square_layers_use_the_lu_path(gen: torch.Generator) -> None:
     """Square W: M⁻¹ = C⁻¹W⁻¹ from LU(W) and Cholesky(C), M never formed, as accurate as QR."""
     W, C = real_case("square")

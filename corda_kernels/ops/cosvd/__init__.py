@@ -66,7 +66,7 @@ factorization, tried in this order where it applies (square ``W``: ``lu``, ``qr`
   only to ``ε₆₄·κ(M)²`` (fails for real q_proj layers, ``κ ≈ 1e8``);
 * ``qr``: the ``R`` of a float64 Householder QR of ``A``, accurate to ``ε₆₄·κ(M)``.
 
-A factor whose a-priori error (from cheap power-iteration estimates of the condition numbers)
+A factor whose a-priori error (from cheap estimates or bounds of the condition numbers)
 exceeds the certification level is skipped. The iteration stops when the eigen-residuals of
 the Ritz vectors for the inverse operator are below ``tol`` (these are measurable to
 ``ε·κ``; a residual with ``AᵀA`` itself is not measurable below ``ε·κ²``) or the Ritz values

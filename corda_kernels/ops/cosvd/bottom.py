@@ -147,17 +147,23 @@ def _bottom_krylov(
     damps those components by ``(σ_i/σ_y)²``; the caller does one Rayleigh–Ritz step on it.
     """
     Bn, k = shape
-    K = _orth(torch.randn(Bn, k, b, generator=generator, dtype=torch.float64).to(device))
-    block, TK, H = K, None, None
+    # the basis and its products grow a block per step inside buffers of the largest width (no
+    # re-copy of the whole basis at every step)
+    cap = max(max_basis, ell + b)
+    K_buf = torch.empty(Bn, k, cap, dtype=torch.float64, device=device)
+    TK_buf = torch.empty_like(K_buf)
+    K_buf[..., :b] = _orth(torch.randn(Bn, k, b, generator=generator, dtype=torch.float64).to(device))
+    width, H = b, None
+    block = K_buf[..., :b]
     hist: list[torch.Tensor] = []
     steps = 0
     while True:
         steps += 1
-        T = apply_inv(block)
+        T = TK_buf[..., width - b : width]
+        T.copy_(apply_inv(block))
+        K, TK = K_buf[..., :width], TK_buf[..., :width]
         col = K.transpose(-1, -2) @ T  # K_iᵀ T K_j for every block i ≤ j
         H = _bordered(H, col[..., :-b, :], col[..., -b:, :])
-        TK = T if TK is None else torch.cat([TK, T], -1)
-        width = K.shape[-1]
         grows = width + b <= max_basis and (steps < max_steps or width < ell)
         if width >= ell:
             with _one_thread():
@@ -170,8 +176,9 @@ def _bottom_krylov(
             est = _estimate_remaining(hist)
             if _bottom_stop(rel, est, tol) or not grows:
                 return TK @ Yt, steps, est
-        block = _orth_against(T, K)
-        K = torch.cat([K, block], -1)
+        block = K_buf[..., width : width + b]
+        block.copy_(_orth_against(T, K))
+        width += b
 
 
 def _max_abs(A: torch.Tensor) -> torch.Tensor:
@@ -281,10 +288,13 @@ def bottom_r(
       ``≈ c·ε·(g·κ(W)·κ(C) + κ(C))``;
     * ``"eigh"`` (``k ≤ 1024`` only): the bottom ``r`` eigenpairs of the float64 Gram matrix of
       ``M`` from one dense eigensolve (:func:`~.eigen.eigh_range`), no iterations, error
-      ``≈ c·ε·κ(M)²`` with ``σ_min`` read off the eigenvalues and ``‖M‖₂`` from a power estimate
+      ``≈ c·ε·κ(M)²`` with ``σ_min`` read off the eigenvalues and ``‖M‖₂² ≤ ‖MᵀM‖_F``
       (cheaper than the iterations below for small ``k``);
-    * ``"gram"``: Cholesky of the float64 Gram matrix of ``M``, error ``≈ c·ε·κ(M)²``;
-    * ``"qr"``: R of a float64 Householder QR of ``M``, error ``≈ c·ε·κ(M)``;
+    * ``"gram"``: Cholesky of the float64 Gram matrix of ``M``, error ``≈ c·ε·κ(M)²`` (power estimates
+      of ``‖M‖₂`` and ``σ_min``);
+    * ``"qr"``: R of a float64 Householder QR of ``M``, error ``≈ c·ε·κ(M)`` with ``‖M‖₂ ≤ ‖R‖_F`` and
+      ``σ_min`` the smallest value the iteration finds (a-priori only the certain lower bound
+      ``κ ≥ max_j ‖R e_j‖ / min_i |R_ii|``);
 
     (``κ(M) = ‖M‖₂/σ_min``, ``c = √R + √k``, ``g`` the LU growth). Otherwise the exact full SVD
     is taken (``info["method"] = "exact-fallback"``). Returns float32 ``U`` ``(B, m, r)``,
@@ -377,8 +387,8 @@ def bottom_r(
             if G is None:
                 G = _gram64(W64, C64, wide)
             mu, Xr = eigh_range(G, 0, rank)  # the bottom r pairs, ascending
-            # ‖G‖₂ from the power estimate (the pairs above the r-th are not computed)
-            lam_max = _power_norm(lambda X, G=G: G @ X, (Bn, k), device=W.device) * 1.01
+            # the pairs above the r-th are not computed: ‖G‖₂ ≤ ‖G‖_F (an upper bound, one pass)
+            lam_max = G.norm(dim=(-2, -1)).cpu()
             norm2 = lam_max.sqrt()
             factor_err = c * eps * lam_max / mu[..., 0].cpu().clamp_min(1e-300)
             factor_err = torch.where(mu[..., 0].cpu() > 0, factor_err, torch.full_like(factor_err, math.inf))
@@ -397,9 +407,12 @@ def bottom_r(
                 if A_full is None:
                     A_full = tall_A()
                 F = torch.linalg.qr(A_full, mode="r").R
-            if norm2 is None:  # ‖A‖₂ from AᵀA where it exists
-                AtA = (lambda X, G=G: G @ X) if G is not None else (lambda X, A=A_full: A.mT @ (A @ X))
-                norm2 = _power_norm(AtA, (Bn, k), device=W.device).sqrt() * 1.01
+            if norm2 is None:  # ‖A‖₂: a power estimate from AᵀA where it exists, else ‖A‖_F = ‖R‖_F ≥ ‖A‖₂
+                norm2 = (
+                    _power_norm(lambda X, G=G: G @ X, (Bn, k), device=W.device).sqrt() * 1.01
+                    if G is not None
+                    else F.norm(dim=(-2, -1)).cpu()
+                )
 
             Ft = F.transpose(-1, -2).contiguous()
 
@@ -410,9 +423,16 @@ def bottom_r(
             def apply_ritz(X: torch.Tensor, Ft=Ft) -> torch.Tensor:  # F X as (Xᵀ Fᵀ)ᵀ: a row-panel product
                 return (X.transpose(-1, -2) @ Ft).transpose(-1, -2)
 
-            smin = _power_norm(apply_inv, (Bn, k), device=W.device).rsqrt()
             assert norm2 is not None
-            factor_err = c * eps * (norm2 / smin) ** (2 if factor == "gram" else 1)
+            if factor == "gram":
+                smin = _power_norm(apply_inv, (Bn, k), device=W.device).rsqrt()
+                factor_err = c * eps * (norm2 / smin) ** 2
+            else:
+                # a-priori only what is free and certain: κ(A) ≥ (largest column norm of A, which R
+                # keeps) / min |R_ii| (σ_min ≤ |λ| for every eigenvalue R_ii); the factor error itself
+                # is taken from the smallest value the iteration finds (below)
+                diag = F.diagonal(dim1=-2, dim2=-1).abs().amin(-1).clamp_min(torch.finfo(torch.float64).tiny)
+                factor_err = (c * eps * F.norm(dim=-2).amax(-1) / diag).cpu()
         else:
             raise ValueError(f"bottom_r: unknown factor {factor!r}")
         if bool((factor_err > certify).any()):
@@ -457,6 +477,8 @@ def bottom_r(
             if k_est is not None:  # too short a history after the handover: the values' history is Krylov's
                 est = torch.where(torch.isfinite(est), est, k_est)
             it += more + 1 if k_est is not None else more  # the warm start's first pass is an iteration too
+            if factor == "qr":  # σ_min: the smallest value found, measured with A (≥ σ_min, to the residual)
+                factor_err = c * eps * norm2 / S[..., 0].cpu().clamp_min(torch.finfo(torch.float64).tiny)
         bound = factor_err + rel.amax(-1) / 2
         if bool((bound <= certify).all()):
             info = {"iterations": it, "krylov_steps": krylov_steps, "oversample": p}

@@ -53,10 +53,16 @@ def _gram64(W64: torch.Tensor, C: torch.Tensor, wide: bool) -> torch.Tensor:
     k, rows = (m, n) if wide else (n, m)
     G = torch.zeros(Bn, k, k, dtype=torch.float64, device=W64.device)
     C64 = None if wide else C.to(torch.float64)
+    # a wide layer's C is converted a panel at a time into one buffer (fresh pages per panel cost
+    # as much as the conversion)
+    buf = torch.empty(Bn, min(rows, _GRAM_PANEL), n, dtype=torch.float64, device=W64.device) if wide else None
     for i in range(0, rows, _GRAM_PANEL):
         h = min(_GRAM_PANEL, rows - i)
         if wide:  # rows of C·Wᵀ
-            P = C[..., i : i + h, :].to(torch.float64) @ W64.transpose(-1, -2)
+            assert buf is not None
+            blk = buf[..., :h, :]
+            blk.copy_(C[..., i : i + h, :])
+            P = blk @ W64.transpose(-1, -2)
         else:  # rows of W·C
             assert C64 is not None
             P = W64[..., i : i + h, :] @ C64
