@@ -259,3 +259,32 @@ def test_cpu_batch_decides_each_matrix_as_alone(gen: torch.Generator) -> None:
         assert bool(ok[0]) and not bool(unsure[0])  # far below: the screen alone
         assert bool(unsure[1])  # near: the literal check ran
         assert not bool(ok[2])  # hopeless: rejected
+
+
+@pytest.mark.parametrize(
+    "kinds,damp0",
+    [
+        (("outlier", "lowrank", "powerlaw", "scaled"), 0.01),  # all accepted at once
+        (("outlier", "lowrank", "powerlaw", "scaled"), 1e-7),  # some need more doublings
+        (("lowrank", "lowrank"), 1e-9),  # all rejected at first: the whole batch shifted again
+    ],
+)
+def test_overwrite_gives_the_same_damps_and_values_in_place(kinds: tuple, damp0: float, gen: torch.Generator) -> None:
+    """``overwrite=True`` shifts the caller's scratch copy instead of a fresh one: the same damps and
+    bits as the copying path, whether every matrix is accepted at the first damp (``C_fix`` is the
+    scratch itself) or some need more doublings (from the original diagonal, not the shifted one)."""
+    n = 120
+    C = torch.stack([covariance(kind, n, gen) for kind in kinds])
+    f0, d0, c0 = damp_covariance(C, damp=damp0)
+    scratch = C.clone()
+    f1, d1, c1 = damp_covariance(scratch, damp=damp0, overwrite=True)
+    assert torch.equal(d1, d0) and torch.equal(c1, c0)
+    assert torch.equal(f1, f0)
+    assert torch.equal(f1, fix_covariance(C, d0))
+    if bool((d0 == damp0).all()):
+        assert f1.data_ptr() == scratch.data_ptr()  # no copy
+    else:
+        assert not bool((d0 == damp0).any()) or f1.data_ptr() != scratch.data_ptr()
+    assert torch.equal(C.tril(-1), scratch.tril(-1))  # only the diagonal is ever written
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        damp_covariance(torch.full((2, 4, 4), float("inf")), overwrite=True)

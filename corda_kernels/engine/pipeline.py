@@ -151,8 +151,8 @@ def decompose_layers(
         first = chunk[0][1][0]
         dev = offload.device(first, modules[first]) if offload else linear_weight(modules[first]).device
         try:
-            Cs = torch.stack([C.to(device=dev, dtype=torch.float32) for C, _ in chunk])
-            C_fix, damps, checked = damp_covariance(Cs, screen=screen)
+            Cs = torch.stack([C.to(device=dev, dtype=torch.float32) for C, _ in chunk])  # a copy: ours to shift
+            C_fix, damps, checked = damp_covariance(Cs, screen=screen, overwrite=True)
         except DampingError as err:
             raise DampingError(err.index, f"layer(s) {', '.join(chunk[err.index][1])}: {err}") from err
         except ValueError as err:

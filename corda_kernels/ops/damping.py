@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..backend import define_op, register_impl
+from ..backend import define_op, register_impl, resolve
 from .linalg import inv_ex, lu_factor_ex, lu_solve
 
 DEFAULT_DAMP = 0.01
@@ -270,17 +270,20 @@ def _decide_each(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_decide` one matrix at a time, the CPU's way (its LU helpers loop anyway).
 
-    Each matrix's factors live only while it is decided: no stacked batch of LU factors, pivots
-    and solves (at n = 1536 those copies cost as much as a factorization). Same screen, same
-    literal check, same decisions as the batched form.
+    One set of factors and one inverse, reused from matrix to matrix: no stacked batch of LU
+    factors, pivots and solves (at n = 1536 those copies cost as much as a factorization), and no
+    fresh pages per matrix. Same screen, same literal check, same decisions as the batched form.
     """
-    b = fixed.shape[0]
+    b, n = fixed.shape[0], fixed.shape[-1]
     ok = torch.zeros(b, dtype=torch.bool)
     unsure = torch.zeros(b, dtype=torch.bool)
     inv = torch.empty_like(fixed) if inverse else fixed.new_empty(0)
+    # one set of factors (column-major, as LAPACK writes them) and one inverse for the whole batch
+    factors = (fixed.new_empty(n, n).mT, torch.empty(n, dtype=torch.int32), torch.empty((), dtype=torch.int32))
+    inv_buf: torch.Tensor | None = None
     for i in range(b):
         one = fixed[i : i + 1]
-        LU, pivots, info = torch.linalg.lu_factor_ex(_lapack_layout(one[0], symmetric))
+        LU, pivots, info = torch.linalg.lu_factor_ex(_lapack_layout(one[0], symmetric), out=factors)
         if int(info) != 0:
             continue  # not factored: rejected, as in the batched form
         est = probe_residual(one, LU.unsqueeze(0), pivots.unsqueeze(0), probes)
@@ -291,8 +294,10 @@ def _decide_each(
         if sure and not inverse:
             ok[i] = True
             continue
-        eye = torch.eye(one.shape[-1], dtype=one.dtype, device=one.device).mT  # column-major, no copy
-        one_inv = torch.linalg.lu_solve(LU, pivots, eye).unsqueeze(0)
+        eye = torch.eye(n, dtype=one.dtype, device=one.device).mT  # column-major, no copy
+        if inv_buf is None:
+            inv_buf = fixed.new_empty(n, n).mT
+        one_inv = torch.linalg.lu_solve(LU, pivots, eye, out=inv_buf).unsqueeze(0)
         if inverse:
             inv[i] = one_inv[0]
         if sure:
@@ -445,6 +450,7 @@ def damp_covariance(
     threshold: float = DEFAULT_THRESHOLD,
     max_steps: int = DEFAULT_MAX_STEPS,
     screen: bool = True,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rule's ``C_fix`` and ``damp`` without handing back an inverse (what CO-SVD needs).
 
@@ -453,15 +459,52 @@ def damp_covariance(
     accepting step ran the literal check, not only the screen). With the screen, an accepted
     step costs one LU factorization instead of an inverse and an ``n³`` product. Errors as
     :func:`damped_inverse`.
+
+    ``overwrite``: the caller gives ``C`` up (a contiguous ``(B, n, n)`` scratch copy). Where the op
+    runs its torch implementation, a step that shifts every matrix shifts ``C`` itself, and
+    ``C_fix`` may be ``C``: no copy of ``B·n²`` fresh pages (on a VM each first touch of a page
+    is a fault). The same values, bit for bit.
     """
+    in_place = overwrite and C.dim() == 3 and C.is_contiguous()
+    if in_place and resolve("damped_inverse", C.device) is _damped_inverse_torch:
+        Cb = _validated(C, max_steps)
+        C_fix, _, damps, checked = search_damp(
+            Cb,
+            damp,
+            threshold,
+            max_steps,
+            shifted=_shifted_in_place(Cb),
+            residual=_identity_residual,
+            probes=SCREEN_PROBES if screen else 0,
+            inverse=False,
+        )
+        return C_fix, damps, checked
     C_fix, _, damps, checked = _run(C, damp, threshold, max_steps, screen, inverse=False)
     return (C_fix[0] if C.dim() == 2 else C_fix), damps, checked
 
 
-def _run(
-    C: torch.Tensor, damp: float, threshold: float, max_steps: int, screen: bool, inverse: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate ``C`` and run the op on a ``(B, n, n)`` view."""
+def _shifted_in_place(C: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``shifted(idx, damps)`` for :func:`search_damp` that shifts ``C`` ``(B, n, n)`` itself when
+    ``idx`` is all of it, else a copy of ``C[idx]``; every diagonal from ``C``'s original one, so the
+    values are :func:`fix_covariance`'s of the original ``C``."""
+    diag = C.diagonal(dim1=-2, dim2=-1)
+    original = diag.clone()
+    means = diag_means(C)
+
+    def shifted(idx: torch.Tensor, damps: torch.Tensor) -> torch.Tensor:
+        shift = (means[idx] * damps.to(device=C.device, dtype=C.dtype)).view(-1, 1)
+        if idx.numel() == C.shape[0]:
+            diag.copy_(original + shift)
+            return C
+        out = C[idx]
+        out.diagonal(dim1=-2, dim2=-1).copy_(original[idx] + shift)
+        return out
+
+    return shifted
+
+
+def _validated(C: torch.Tensor, max_steps: int) -> torch.Tensor:
+    """``C`` as a ``(B, n, n)`` view after the checks every entry point makes (errors as :func:`damped_inverse`)."""
     if C.dim() not in (2, 3) or C.shape[-1] != C.shape[-2]:
         raise ValueError(f"damped_inverse: C must be (n, n) or (B, n, n), got {tuple(C.shape)}")
     if not C.dtype.is_floating_point:
@@ -476,5 +519,13 @@ def _run(
     if not bool(finite.all()):
         bad = int((~finite).nonzero()[0])
         raise ValueError(f"damped_inverse: covariance {bad} of the batch has NaN or Inf entries")
+    return Cb
+
+
+def _run(
+    C: torch.Tensor, damp: float, threshold: float, max_steps: int, screen: bool, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate ``C`` and run the op on a ``(B, n, n)`` view."""
+    Cb = _validated(C, max_steps)
     probes = SCREEN_PROBES if screen else 0
     return torch.ops.corda_kernels.damped_inverse(Cb.contiguous(), damp, threshold, max_steps, probes, inverse)
