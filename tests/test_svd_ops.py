@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from corda_kernels.ops.cosvd import principal_cosines
+from corda_kernels.ops.linalg import all_finite
 from corda_kernels.ops.svd import qr_leading, svd_top
 from tests.conftest import rel_err
 
@@ -95,6 +96,21 @@ def test_svd_top_batches_half_and_strided_inputs(gen: torch.Generator) -> None:
     Wh = (torch.randn(300, 200, generator=gen) / 15).bfloat16()
     got = svd_top(Wh, 9)
     check_top(Wh.float(), 9, got[:3], got[3][0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_finds_any_nonfinite_entry(dtype: torch.dtype, gen: torch.Generator) -> None:
+    """The one-sum check agrees with the elementwise one: a NaN, +Inf, −Inf or both infinities at a
+    random place (strided input too), and finite entries whose sum overflows."""
+    x = torch.randn(37, 53, generator=gen).to(dtype)
+    assert all_finite(x) and all_finite(x.T)
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        y = x.clone()
+        for v in bad:
+            y.view(-1)[int(torch.randint(0, y.numel(), (1,), generator=gen))] = v
+        assert not all_finite(y) and not all_finite(y.T), (dtype, bad)
+    huge = torch.full((64,), torch.finfo(dtype).max / 4, dtype=dtype)  # the sum overflows, every entry is finite
+    assert not bool(torch.isfinite(huge.sum())) and all_finite(huge)
 
 
 def test_svd_top_rejects_bad_input() -> None:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..ops.covariance import covariance_update, symmetrize_
+from ..ops.linalg import all_finite
 from . import distributed
 from .layers import in_features
 
@@ -347,7 +348,7 @@ class CovarianceCollector:
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteActivationError` naming the first layer whose covariance is not finite."""
         for acc in self.accumulators():
-            if acc.C is not None and not bool(torch.isfinite(acc.C.sum()) or torch.isfinite(acc.C).all()):
+            if acc.C is not None and not all_finite(acc.C):
                 raise _nonfinite(acc)
 
     def finalize(self) -> None:

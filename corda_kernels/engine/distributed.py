@@ -26,6 +26,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from ..ops.linalg import all_finite
+
 BUCKET_BYTES = 64 << 20  # float64 bytes summed per all-reduce
 
 
@@ -158,14 +160,14 @@ def reduce_collector(collector, owners: dict[str, int] | None = None) -> list[in
     by_name = sorted(range(len(accs)), key=lambda i: sorted(accs[i].members)[0])  # the same order on every rank
     if owners is None:
         sum_over_ranks([accs[i].C for i in by_name])
-        return [i for i in range(len(accs)) if not bool(torch.isfinite(accs[i].C).all())]
+        return [i for i in range(len(accs)) if not all_finite(accs[i].C)]
     rank = dist.get_rank()
     dst = {i: owners[accs[i].members[0]] for i in by_name}
     for i in by_name:
         sum_over_ranks([accs[i].C], dst=dst[i])
         if dst[i] != rank:
             accs[i].C = None
-    bad = torch.tensor([float(accs[i].C is not None and not bool(torch.isfinite(accs[i].C).all())) for i in by_name])
+    bad = torch.tensor([float(accs[i].C is not None and not all_finite(accs[i].C)) for i in by_name])
     sum_over_ranks([bad])
     return sorted(i for i, flag in zip(by_name, bad.tolist()) if flag)
 

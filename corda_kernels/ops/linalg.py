@@ -1,4 +1,7 @@
-"""LU-based linear algebra that stays correct on the CPU.
+"""Linear-algebra helpers that stay correct and cheap on the CPU: the finiteness check, and LU.
+
+``all_finite`` answers from one sum where ``torch.isfinite(x).all()`` writes a boolean tensor
+of ``x``'s size (a 5632 × 2048 weight: 42 ms against ~3 ms).
 
 torch 2.13's CPU build with MKL returns garbage pivots from *batched* LU (``inv``, ``solve``,
 ``lu_factor``; float32 and float64) once ``torch.set_num_threads`` has been called in the
@@ -10,6 +13,13 @@ members one by one anyway, so on the CPU these helpers loop; elsewhere they batc
 from __future__ import annotations
 
 import torch
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` is finite. A finite sum has only finite terms (a NaN or an
+    infinity makes it NaN or infinite), so the elementwise check runs only when the sum is not
+    finite: a NaN or Inf entry, or finite entries whose sum overflows."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _per_matrix(A: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .cosvd.top import top_r
+from .linalg import all_finite
 
 
 def svd_top(
@@ -38,7 +39,7 @@ def svd_top(
     k = min(W.shape[-2:])
     if not 0 < rank <= k:
         raise ValueError(f"svd_top: rank {rank} must be in [1, {k}] for W of shape {tuple(W.shape)}")
-    if not bool(torch.isfinite(W).all()):
+    if not all_finite(W):
         raise ValueError("svd_top: W has NaN or Inf entries")
     single = W.dim() == 2
     Wb = W.unsqueeze(0) if single else W

@@ -118,7 +118,7 @@ def pissa_init(self, adapter_name: str, init_lora_weights: str) -> None:  # noqa
     lora_B, lora_A, info = _low_rank(W, rank, scaling)
     self.lora_A[adapter_name].weight.data = lora_A
     self.lora_B[adapter_name].weight.data = lora_B
-    residual = W - scaling * lora_B @ lora_A
+    residual = torch.addmm(W, lora_B, lora_A, alpha=-scaling)  # one m×n result, not three
     self.get_base_layer().weight.data = _peft_transpose(residual.to(dtype), self.fan_in_fan_out)
     RECORD.append(Call("pissa", shape, time.perf_counter() - t0, True, info))
 
