@@ -57,8 +57,13 @@ def group_from_env() -> Iterator[None]:
         dist.init_process_group("gloo")
     try:
         yield
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other ranks may never reach one
+        raise
+    # every rank leaves together: a rank tearing gloo down while another still holds its
+    # connections was seen to abort that other rank ("terminate called without an active exception")
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def launched_without_group() -> int:
