@@ -17,17 +17,15 @@ relative difference of the bottom singular values between the two (both certifie
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
 from datetime import date
-from pathlib import Path
 from unittest import mock
 
 import torch
 
+from bench.bench_dropin import _cpu_model, write_results
 from corda_kernels.ops.cosvd import bottom as bottom_module
 from corda_kernels.ops.cosvd.bottom import bottom_r
 from corda_kernels.ops.damping import damp_covariance
@@ -87,21 +85,15 @@ def main() -> None:
             f"{row['speedup']:.2f}×, σ differ by {row['sv_rel_diff']:.1e} ({row['methods'][1]})",
             flush=True,
         )
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
-        platform.processor(),
-    )
     result = {
         "date": date.today().isoformat(),
-        "cpu_model": cpu,
+        "cpu_model": _cpu_model(),
         "threads": torch.get_num_threads(),
         "command": "PYTHONPATH=. python bench/kpm_eigh_subset.py " + " ".join(sys.argv[1:]),
         "rank": args.rank,
         "rows": rows,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.json}")
+    write_results(args.json, result)
 
 
 if __name__ == "__main__":

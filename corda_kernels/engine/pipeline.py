@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..ops.cosvd import cosvd
 from ..ops.damping import DampingError, damp_covariance
+from ..ops.linalg import all_finite
 from ..ops.spectra import eig_extremes_fast
 from . import distributed
 from .layers import linear_weight
@@ -156,7 +157,7 @@ def decompose_layers(
         except DampingError as err:
             raise DampingError(err.index, f"layer(s) {', '.join(chunk[err.index][1])}: {err}") from err
         except ValueError as err:
-            bad = [names for C, names in chunk if not bool(torch.isfinite(C).all())]
+            bad = [names for C, names in chunk if not all_finite(C)]
             raise ValueError(f"layer(s) {', '.join(bad[0]) if bad else '?'}: {err}") from err
         spectrum: list[dict] = [{} for _ in chunk]
         if extremes:
