@@ -90,8 +90,6 @@ def measure_unit(spec: str) -> dict:
 
 def plan_model(hidden: int, inter: int, kv: int, layers: int, rates: dict[str, float]) -> list[dict]:
     mods, covs = meta_model(hidden, inter, kv, layers)
-    units = plan_units(mods, covs)
-    cost_of = {name: u.cost(mods) / len(u.names) for u in units for name in u.names}
     groups = {id(C): C.shape[-1] for C in covs.values()}
     total_cov = sum(4 * n * n for n in groups.values())
     rows = []
@@ -104,8 +102,8 @@ def plan_model(hidden: int, inter: int, kv: int, layers: int, rates: dict[str, f
                 seen.add(id(C))
                 held[owners[name]] += 4 * C.shape[-1] ** 2
         cost = [0.0] * world
-        for name, r in owners.items():
-            cost[r] += cost_of[name]
+        for unit in plan_units(mods, covs, world):  # the units the ranks run (smaller ones on more ranks)
+            cost[owners[unit.names[0]]] += unit.cost(mods)
         triplets = sum(4 * RANK * (m.in_features + m.out_features + 1) for m in mods.values())
         rows.append(
             {

@@ -566,7 +566,14 @@ def decompose_into(  # noqa: ANN201
         owners = {n: owners[n] for n in todo} if owners is not None else layer_owners(todo, covs, world)
         mine = {name: m for name, m in todo.items() if owners[name] == rank}
     layers = stages.decompose(
-        mine, covs, ranks, opts.mode, method=opts.method, screen=opts.damping_screen, progress=opts.progress
+        mine,
+        covs,
+        ranks,
+        opts.mode,
+        method=opts.method,
+        screen=opts.damping_screen,
+        progress=opts.progress,
+        world=world,
     )
     if world > 1:  # every rank's share gathered (a collective); rank 0 alone builds the adapters
         layers = share_results(layers, todo, ranks, owners)

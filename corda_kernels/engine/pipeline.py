@@ -4,7 +4,9 @@ Layers that share an input covariance (the same tensor object) share its damped 
 same-width covariances are damped as one batch (a *unit*: up to ``_DAMP_BATCH`` covariances and
 every layer that reads them). Only the cropped triplets of each layer are handed on, so the full
 ``U``/``V`` of one layer at most are alive at any moment. Under ``torch.distributed`` the units are
-shared out by cost (:func:`layer_owners`) and each is computed exactly as one process computes it.
+shared out by cost (:func:`layer_owners`); with ``N`` ranks a unit holds at most
+``⌈_DAMP_BATCH / N⌉`` covariances, so that a model's few widest covariances (LLaMA's down_proj
+inputs) spread over the ranks instead of a few whole batches of them setting the slowest rank.
 """
 
 from __future__ import annotations
@@ -85,8 +87,20 @@ class Unit:
         return total
 
 
-def plan_units(modules: dict[str, nn.Module], covariances: dict[str, torch.Tensor]) -> list[Unit]:
-    """The units :func:`decompose_layers` runs, in its order (deterministic given ``modules``' order)."""
+def unit_size(world: int) -> int:
+    """Covariances per unit when ``world`` ranks share the units: ``⌈_DAMP_BATCH / world⌉``.
+
+    Longest-first assignment ends no later than the mean load plus the largest unit; a unit of
+    ``_DAMP_BATCH`` of LLaMA-2 7B's 11008-wide covariances is 1.3× the mean load of 8 ranks.
+    """
+    if world < 1:
+        raise ValueError(f"world must be ≥ 1, got {world}")
+    return -(-_DAMP_BATCH // world)
+
+
+def plan_units(modules: dict[str, nn.Module], covariances: dict[str, torch.Tensor], world: int = 1) -> list[Unit]:
+    """The units :func:`decompose_layers` runs, in its order (deterministic given ``modules``' order):
+    consecutive same-width chunks of :func:`unit_size` ``(world)`` covariances."""
     missing = [name for name in modules if name not in covariances]
     if missing:
         raise ValueError(f"no covariance for layer(s) {', '.join(missing[:5])}")
@@ -94,11 +108,8 @@ def plan_units(modules: dict[str, nn.Module], covariances: dict[str, torch.Tenso
     by_width: dict[int, list[tuple[torch.Tensor, list[str]]]] = {}
     for C, names in groups:
         by_width.setdefault(C.shape[-1], []).append((C, names))
-    return [
-        Unit(group[start : start + _DAMP_BATCH])
-        for group in by_width.values()
-        for start in range(0, len(group), _DAMP_BATCH)
-    ]
+    size = unit_size(world)
+    return [Unit(group[start : start + size]) for group in by_width.values() for start in range(0, len(group), size)]
 
 
 def layer_owners(modules: dict[str, nn.Module], covariances: dict[str, torch.Tensor], world: int) -> dict[str, int]:
@@ -106,10 +117,10 @@ def layer_owners(modules: dict[str, nn.Module], covariances: dict[str, torch.Ten
 
     Only the covariances' widths and which layers share one (the same object) matter. The layers
     of one rank, in ``modules``' order, are planned by :func:`plan_units` into exactly the units
-    it was given (same-width units are consecutive chunks of ``_DAMP_BATCH`` and only the last of
-    a width is short), so each is decomposed as one process decomposes it.
+    it was given when :func:`decompose_layers` is told the same ``world`` (same-width units are
+    consecutive chunks of :func:`unit_size` and only the last of a width is short).
     """
-    units = plan_units(modules, covariances)
+    units = plan_units(modules, covariances, world)
     owners = distributed.assign_by_cost([u.cost(modules) for u in units], world)
     return {name: owner for unit, owner in zip(units, owners) for name in unit.names}
 
@@ -125,6 +136,7 @@ def decompose_layers(
     extremes: bool = False,
     screen: bool = True,
     offload: Offload | None = None,
+    world: int = 1,
 ) -> Iterator[LayerResult]:
     """Yield each layer's cropped CO-SVD (IPM: top ``r``, KPM: bottom ``r``), grouped by covariance.
 
@@ -136,13 +148,13 @@ def decompose_layers(
     (Lanczos, :func:`~corda_kernels.ops.spectra.eig_extremes_fast`) and their ``lambda_rel_bound``.
     ``info["damp_check"]`` says whether the damp was accepted by the screen or by the literal
     check (:mod:`corda_kernels.ops.damping`); ``screen=False`` runs the literal rule for every layer.
-    Given the layers :func:`layer_owners` gives one rank, it runs exactly that rank's units.
+    Given the layers :func:`layer_owners` gives one rank of ``world``, it runs exactly that rank's units.
     ``offload`` (the model's :class:`~corda_kernels.engine.offload.Offload`) reads weights that
     accelerate keeps offloaded, one batch of layers at a time.
     """
     which = which_for(corda_method)
     check_ranks(modules, ranks)
-    units = plan_units(modules, covariances)
+    units = plan_units(modules, covariances, world)
     bar = tqdm(total=sum(len(u.names) for u in units), desc="CO-SVD", unit="layer", disable=not progress)
     for unit in units:
         chunk = unit.chunk

@@ -167,10 +167,20 @@ def decompose(
     method: str = "fast",
     screen: bool = True,
     progress: bool = True,
+    world: int = 1,
 ) -> Iterator[LayerResult]:
-    """Each layer's cropped CO-SVD (IPM: top ``r``, KPM: bottom ``r``) with its λ extremes, as it is done."""
+    """Each layer's cropped CO-SVD (IPM: top ``r``, KPM: bottom ``r``) with its λ extremes, as it is done
+    (``targets``: this rank's share of ``world``, :func:`~corda_kernels.engine.pipeline.layer_owners`)."""
     yield from decompose_layers(
-        targets, covariances, ranks, mode, method=method, progress=progress, extremes=True, screen=screen
+        targets,
+        covariances,
+        ranks,
+        mode,
+        method=method,
+        progress=progress,
+        extremes=True,
+        screen=screen,
+        world=world,
     )
 
 

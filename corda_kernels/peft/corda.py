@@ -256,6 +256,7 @@ def preprocess_corda(
         progress=bool(cfg.verbose) and rank == 0,
         screen=damping_screen,
         offload=offload,
+        world=world,
     )
     if world > 1:  # each rank decomposed its share: every layer's triplets from its owner
         layers = share_results(layers, targets, ranks, owners)
