@@ -3,9 +3,10 @@ and OLoRA initializations (:mod:`corda_kernels.peft.inits`).
 
 ``svd_top`` is the top path of the CO-SVD (:func:`corda_kernels.ops.cosvd.top_r`) with the
 covariance left out (``M = W``): the top eigenvectors of the float32 Gram matrix of the short
-side as the start (LAPACK's subset eigensolver where ``k`` is large), subspace iteration until
-the top-r stopping rule holds, a float64 Rayleigh–Ritz step and a posterior residual bound on
-every singular value. A matrix whose iteration does not settle within its steps is done by the
+side as the start (LAPACK's subset eigensolver where ``k`` is large), a float64 Rayleigh–Ritz
+step and a posterior residual bound on every singular value; where those residuals miss the
+top-r criterion, subspace iteration from the start until its stopping rule holds, then the final
+step again. A matrix whose iteration does not settle within its steps is done by the
 float64 SVD instead (``info["method"] = "exact-fallback"``). Weight spectra are flat at the top
 (σ_1/σ_16 ≈ 1.3–2.1 on the embedded model's layers, a Gaussian's gaps ~k^(-2/3)), where a random
 Krylov start needs most of ``k`` columns; the dense start costs one Gram product and one

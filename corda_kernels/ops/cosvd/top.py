@@ -201,9 +201,11 @@ def top_r(
     final Rayleigh–Ritz step and ``V`` in float64), or ``None`` for the identity: the plain top-r
     SVD of ``W`` (:func:`corda_kernels.ops.svd.svd_top`). ``krylov``: ``None`` picks block Krylov where
     the basis has room (``min(m, n) ≥ 4·l``) and ``l ≤ 4·p``; ``False`` forces subspace iteration,
-    ``True`` Krylov wherever the basis has room. ``dense`` starts the subspace iteration from
-    :func:`dense_start` instead (no Krylov basis, no random start; the same stopping rule and
-    final step): the cheaper start for small ``k`` (:func:`~corda_kernels.ops.cosvd.fast_cosvd`).
+    ``True`` Krylov wherever the basis has room. ``dense`` starts from :func:`dense_start`
+    instead (no Krylov basis, no random start): the final step on it is taken first and kept where
+    its residuals meet the iteration's residual criterion, otherwise the subspace iteration follows
+    from it (the same stopping rule and final step); the cheaper start for small ``k``
+    (:func:`~corda_kernels.ops.cosvd.fast_cosvd`) and for :func:`~corda_kernels.ops.svd.svd_top`.
     ``max_iters`` bounds the Krylov steps plus iterations. Returns float32 ``U`` ``(B, m, r)``,
     ``S`` ``(B, r)`` descending, ``V`` ``(B, n, r)`` and one info dict per matrix.
     """
@@ -253,19 +255,63 @@ def top_r(
             return _mt_rows(W32, C32, Y)[0]
         return C32 @ (W32.mT @ Y)
 
+    u32 = torch.finfo(torch.float32).eps / 2
+
+    def finish(Q: torch.Tensor, f64: bool) -> tuple[torch.Tensor, ...]:
+        """The final float64 Rayleigh–Ritz step on ``Q``'s leading ``r + 8`` columns and its
+        posterior residuals: ``U``, ``S`` (all Ritz values), ``V``, the residual ``(B, m, r)`` and
+        its relative column norms ``(B, r)``."""
+        # its columns are Ritz vectors, descending: the rest changes the top r only at the order
+        # of the squared residual, while the float64 products cost in proportion to the columns;
+        # W and C_fix enter in their own dtype, _mm64 converts them block by block
+        Q64 = _orth(Q[..., : rank + min(p, _FINAL_EXTRA)].double())
+        Z, QtW = _mt_rows(W, C_fix, Q64)  # Mᵀ Q
+        matvecs[0] += Q64.shape[-1]
+        S, Yt = _ritz(Z)
+        Yt = Yt[..., :rank]
+        U = Q64 @ Yt
+        Sr = S[..., :rank]
+        Pr = (Z @ Yt) / Sr.unsqueeze(-2)  # v_i: Mᵀ u_i = σ_i v_i
+        V = (Yt.transpose(-1, -2) @ QtW).transpose(-1, -2) / Sr.unsqueeze(-2)  # Wᵀ U = C⁻¹ v for these pairs
+        # the posterior residual M v_i − σ_i u_i: in float32 (one product of r columns) where the
+        # iteration ran in float32 — it resolves residuals down to ~u₃₂·σ_1/σ_i, below the tolerance
+        # there; in float64 where a matrix needed the float64 continuation (heavy head)
+        if f64:
+            matvecs[0] += Pr.shape[-1]
+            MPr = _m_rows(W, C_fix, Pr)
+        else:
+            MPr = mv(Pr.float()).double()  # mv counts its columns
+        res = MPr - U * Sr.unsqueeze(-2)
+        return U, S, V, res, (res.norm(dim=-2) / Sr).cpu()
+
+    iters = 0
+    met = torch.zeros(Bn, dtype=torch.bool)
+    done = None
     if dense:
         assert M32 is not None
         Q = dense_start(M32, ell)
+        # The float32 Gram's eigenvectors are often the top subspace to float32 accuracy already
+        # (flat spectra: weights, PiSSA): the final step on them, accepted where its posterior
+        # residuals meet the iteration's own residual criterion (and float32 resolves them, as
+        # below), makes the confirming float32 step unnecessary. Elsewhere the iteration follows.
+        done = finish(Q, False)
+        Sd = done[1][..., :rank].cpu()
+        ratio = Sd[..., :1] / Sd.clamp_min(1e-300)
+        met = (done[4] <= torch.clamp(30 * u32 * ratio, min=tol)).all(-1) & (30 * u32 * ratio[..., -1] <= _F64_FLOOR)
+        est = done[4].double()  # a Ritz value moves at most by its residual
+        kappa = ratio[..., -1]
+        if not bool(met.all()):
+            done = None
     else:
         omega = torch.randn(Bn, n, b, generator=generator, dtype=torch.float32, device="cpu").to(dev)
         Q = _orth(mv(omega))
-    u32 = torch.finfo(torch.float32).eps / 2
-    iters = 0
-    met = torch.zeros(Bn, dtype=torch.bool)
-    if max_basis:
-        Q, iters, est, kappa, met = _top_krylov(mv, mtv, Q, rank, ell, tol, max_iters, max_basis)
+    if done is None:
+        met = torch.zeros(Bn, dtype=torch.bool)
+        if max_basis:
+            Q, iters, est, kappa, met = _top_krylov(mv, mtv, Q, rank, ell, tol, max_iters, max_basis)
     krylov_steps = iters
-    if not bool(met.all()) and iters < max_iters:  # no Krylov basis, or it reached its size limit: subspace iteration
+    if done is None and not bool(met.all()) and iters < max_iters:
+        # no Krylov basis, or it reached its size limit: subspace iteration
         Q, more, est, kappa, met_more = _top_iterate(mv, mtv, Q, rank, tol, max_iters - iters)
         met |= met_more
         iters += more
@@ -273,7 +319,7 @@ def top_r(
     # Rayleigh–Ritz step makes the values accurate to about that floor squared. Where that could
     # exceed ~1e-7 (σ_1/σ_r ≳ 170: floor > 3e-4; a real q_proj at r = 24 left 2e-6 with a floor of
     # 2e-3) continue in float64 from the basis.
-    need = (30 * u32 * kappa > _F64_FLOOR).nonzero().flatten().tolist()
+    need = [] if done is not None else (30 * u32 * kappa > _F64_FLOOR).nonzero().flatten().tolist()
     if need and iters < max_iters:  # only those matrices of the batch
         W64_ = W[need].double()
         C64_ = None if C_fix is None else C_fix[need].double()
@@ -300,29 +346,8 @@ def top_r(
         met[need] = met_need
         iters += more
         del W64_, C64_, Q64_
-    # final Rayleigh–Ritz in float64 on the converged basis's leading r + 8 columns (its columns
-    # are Ritz vectors, descending: the rest changes the top r only at the order of the squared
-    # residual, while the float64 products cost in proportion to the columns); W and C_fix enter
-    # in their own dtype, _mm64 converts them block by block
-    Q64 = _orth(Q[..., : rank + min(p, _FINAL_EXTRA)].double())
-    Z, QtW = _mt_rows(W, C_fix, Q64)  # Mᵀ Q
-    matvecs[0] += Q64.shape[-1]
-    S, Yt = _ritz(Z)
-    Yt = Yt[..., :rank]
-    U = Q64 @ Yt
+    U, S, V, res, rel_res = done if done is not None else finish(Q, bool(need))
     Sr = S[..., :rank]
-    Pr = (Z @ Yt) / Sr.unsqueeze(-2)  # v_i: Mᵀ u_i = σ_i v_i
-    V = (Yt.transpose(-1, -2) @ QtW).transpose(-1, -2) / Sr.unsqueeze(-2)  # Wᵀ U = C⁻¹ v for these pairs
-    # the posterior residual M v_i − σ_i u_i: in float32 (one product of r columns) where the
-    # iteration ran in float32 — it resolves residuals down to ~u₃₂·σ_1/σ_i, below the tolerance
-    # there; in float64 where a matrix needed the float64 continuation (heavy head)
-    if need:
-        matvecs[0] += Pr.shape[-1]
-        MPr = _m_rows(W, C_fix, Pr)
-    else:
-        MPr = mv(Pr.float()).double()  # mv counts its columns
-    res = MPr - U * Sr.unsqueeze(-2)
-    rel_res = (res.norm(dim=-2) / Sr).cpu()
     infos = []
     for b in range(Bn):
         s_next = float(S[b, rank]) if S.shape[-1] > rank else 0.0
