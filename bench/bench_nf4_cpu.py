@@ -11,14 +11,12 @@ medians and min–max, and ratios = bitsandbytes' median / ours (> 1: ours faste
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import bitsandbytes.functional as F
 import torch
-from bench_dropin import _cpu_model  # the same CPU line as the drop-in benchmark
+from bench_dropin import _cpu_model, write_results  # the same CPU line and writer as the drop-in benchmark
 
 import corda_kernels as ck
 
@@ -106,9 +104,7 @@ def main() -> None:
             f"| {r['op']} | {r['dtype']} | {rng['cpp']} | {rng['torch']} | {rng['bitsandbytes']} | "
             f"{med['bitsandbytes'] / med['cpp']:.2f}x | {med['bitsandbytes'] / med['torch']:.2f}x |"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_results(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_dropin import _cpu_model  # noqa: E402
+from bench.bench_dropin import _cpu_model, write_results  # noqa: E402
 from corda_kernels.ops.cosvd import principal_cosines  # noqa: E402
 from corda_kernels.ops.cosvd.top import _top_eigenvectors  # noqa: E402
 from corda_kernels.ops.covariance import _accumulate  # noqa: E402
@@ -212,10 +212,8 @@ def main() -> None:
         "rows": rows,
         "min_principal_cosine_peft_vs_exact": {"median": statistics.median(cosines), "worst": min(cosines)},
     }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(json.dumps(out["min_principal_cosine_peft_vs_exact"]), f"wrote {path}")
+    print(json.dumps(out["min_principal_cosine_peft_vs_exact"]))
+    write_results(args.json, out)
 
 
 if __name__ == "__main__":

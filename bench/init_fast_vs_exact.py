@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_dropin import write_results  # noqa: E402
 from corda_kernels.cli.init import InitOptions, run_init  # noqa: E402
 from corda_kernels.ops.cosvd import compare_triplets, triplets_from_adapter  # noqa: E402
 
@@ -81,10 +82,7 @@ def main() -> None:
                 flush=True,
             )
     command = "python bench/init_fast_vs_exact.py " + " ".join(sys.argv[1:])
-    Path(args.json).write_text(
-        json.dumps({"date": date.today().isoformat(), "command": command, "rows": rows}, indent=1)
-    )
-    print(f"wrote {args.json}")
+    write_results(args.json, {"date": date.today().isoformat(), "command": command, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -137,9 +137,13 @@ def main() -> None:
         mode: sum(m[mode]["seconds_per_cost"] for m in measured.values()) / len(measured) for mode in ("ipm", "kpm")
     }
     plans = {name: plan_model(*shape, rates) for name, shape in MODELS.items()}
+    # imported only here: the unit measurements' peak memory must not include peft and transformers
+    from bench_dropin import _cpu_model, write_results  # the drop-in benchmark's CPU line and writer
+
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "rank": RANK,
@@ -156,8 +160,7 @@ def main() -> None:
                 f"(imbalance {r['imbalance']:.2f}), reduce {r['reduce_float64_gib_per_rank']:6.1f} GiB float64"
             )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_results(args.json, result)
 
 
 if __name__ == "__main__":
