@@ -61,6 +61,7 @@ def smollm2(seq: int, samples: int):  # noqa: ANN201
     return [("smollm2", model, LLAMA_TARGETS, data.token_blocks(tok, data.load_text("lee"), samples, seq))]
 
 
+@torch.no_grad()
 def worst_sv_error(model, cfg: LoraConfig) -> float:  # noqa: ANN001
     """Worst relative error of the cropped singular values against a float64 CO-SVD (PEFT's damping rule)."""
     from corda_kernels.engine.layers import linear_weight
