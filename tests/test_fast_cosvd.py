@@ -302,18 +302,22 @@ def test_adaptive_stopping_tracks_the_spectrum(gen: torch.Generator) -> None:
 
 @pytest.mark.parametrize("case", ["real-square", "outlier-activations"])
 def test_krylov_needs_fewer_products_than_subspace_iteration(case: str, gen: torch.Generator) -> None:
-    """Block Krylov (the default) keeps every block: the same criteria with clearly fewer products."""
+    """Block Krylov (the default) keeps every block: the same criteria with clearly fewer products.
+
+    Over three random starts each: the count varies with the start (one start's ratio on the real
+    layer: median 0.72, 1 of 120 starts above 0.8), the claim is about the expected cost."""
     W, C = real_case("square") if case == "real-square" else outlier_case(512, 512, gen)
     C_fix = ck.damped_inverse(C)[0]
     ref = reference(W, C_fix)
     r = 24
-    got = {}
-    for krylov in (None, False):
-        U, S, V, infos = top_r(W[None], C_fix[None], r, generator=gen, krylov=krylov)
-        check(W, C_fix, (U[0], S[0], V[0]), ref, r, "top", infos[0])
-        got[krylov] = infos[0]
-    assert got[None]["krylov_steps"] > 0 and got[False]["krylov_steps"] == 0, got
-    assert got[None]["matvecs"] < 0.8 * got[False]["matvecs"], got
+    products = {None: 0, False: 0}
+    for _ in range(3):
+        for krylov in (None, False):
+            U, S, V, infos = top_r(W[None], C_fix[None], r, generator=gen, krylov=krylov)
+            check(W, C_fix, (U[0], S[0], V[0]), ref, r, "top", infos[0])
+            assert (infos[0]["krylov_steps"] > 0) == (krylov is None), infos[0]
+            products[krylov] += infos[0]["matvecs"]
+    assert products[None] < 0.8 * products[False], products
 
 
 def test_krylov_basis_limit_hands_over_to_subspace_iteration(
