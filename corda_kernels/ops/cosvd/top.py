@@ -53,6 +53,12 @@ def _top_eigenvectors(G: torch.Tensor, ell: int) -> torch.Tensor:
     return eigh_range(G, G.shape[-1] - ell, ell)[1].flip(-1)
 
 
+def _beyond_float32(kappa: torch.Tensor) -> torch.Tensor:
+    """Which matrices' float32 residual floor ``30·u₃₂·σ_1/σ_r`` exceeds ``_F64_FLOOR`` (``kappa`` ``(B,)``
+    the ratios ``σ_1/σ_r``): their float32 products cannot certify the top r, float64 must."""
+    return 30 * (torch.finfo(torch.float32).eps / 2) * kappa > _F64_FLOOR
+
+
 def _top_stop(
     rel_res: torch.Tensor, hist: list[torch.Tensor], unit: float, tol: float, stall_prev: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -295,11 +301,11 @@ def top_r(
         # residuals meet the iteration's own residual criterion (and float32 resolves them, as
         # below), makes the confirming float32 step unnecessary. Elsewhere the iteration follows.
         done = finish(Q, False)
-        Sd = done[1][..., :rank].cpu()
-        ratio = Sd[..., :1] / Sd.clamp_min(1e-300)
-        met = (done[4] <= torch.clamp(30 * u32 * ratio, min=tol)).all(-1) & (30 * u32 * ratio[..., -1] <= _F64_FLOOR)
-        est = done[4].double()  # a Ritz value moves at most by its residual
-        kappa = ratio[..., -1]
+        rel = done[4]
+        # one set of Ritz values: _top_stop's value criterion cannot hold, its residual one decides
+        _, kappa, res_ok, _ = _top_stop(rel, [done[1][..., :rank].cpu()], u32, tol, torch.zeros(Bn, dtype=torch.bool))
+        met = res_ok & ~_beyond_float32(kappa)
+        est = rel.double()  # a Ritz value moves at most by its residual
         if not bool(met.all()):
             done = None
     else:
@@ -319,7 +325,7 @@ def top_r(
     # Rayleigh–Ritz step makes the values accurate to about that floor squared. Where that could
     # exceed ~1e-7 (σ_1/σ_r ≳ 170: floor > 3e-4; a real q_proj at r = 24 left 2e-6 with a floor of
     # 2e-3) continue in float64 from the basis.
-    need = [] if done is not None else (30 * u32 * kappa > _F64_FLOOR).nonzero().flatten().tolist()
+    need = [] if done is not None else _beyond_float32(kappa).nonzero().flatten().tolist()
     if need and iters < max_iters:  # only those matrices of the batch
         W64_ = W[need].double()
         C64_ = None if C_fix is None else C_fix[need].double()
