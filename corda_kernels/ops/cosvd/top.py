@@ -291,7 +291,6 @@ def top_r(
         return U, S, V, res, (res.norm(dim=-2) / Sr).cpu()
 
     iters = 0
-    met = torch.zeros(Bn, dtype=torch.bool)
     done = None
     if dense:
         assert M32 is not None
